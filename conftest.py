@@ -1,4 +1,5 @@
 """Root pytest configuration: registers the fixture plugins that start real services."""
 
 pytest_plugins: list[str] = [
+    "tests.fixtures_services",
 ]

@@ -1,0 +1,209 @@
+"""Pytest plugin: session-scoped fixtures that start real services (see ``tests/services.py``).
+
+A service that cannot start fails the test with the tail of its log (never a skip). Startup times are
+printed in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pytest
+
+from tests.services import (
+    REPO_ROOT,
+    AirflowDeployment,
+    MLflowServer,
+    MotoS3Server,
+    PostgresServer,
+    ServiceStartError,
+)
+
+STARTUP_SECONDS: dict[str, float] = {}
+
+_S = TypeVar("_S", PostgresServer, MotoS3Server, MLflowServer, AirflowDeployment)
+
+
+@contextlib.contextmanager
+def _running(service: _S, what: str) -> Iterator[_S]:
+    """Start ``service``, turning a failed start into ``pytest.fail``; always stop it afterwards."""
+    try:
+        try:
+            service.start()
+        except (ServiceStartError, OSError, TimeoutError) as e:
+            pytest.fail(f"{what} could not be started: {e}", pytrace=False)
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def services_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temp dir holding the services' logs and state for this session."""
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Generator[PostgresServer, None, None]:
+    """PostgreSQL on loopback (the machine's at 127.0.0.1:5432 if it answers, else a private one)."""
+    with _running(PostgresServer(), "PostgreSQL") as server:
+        kind = "private" if server.private else "shared"
+        STARTUP_SECONDS[f"postgres ({kind})"] = server.startup_seconds
+        yield server
+
+
+@pytest.fixture(scope="session")
+def create_database(postgres_server: PostgresServer) -> Callable[[str], str]:
+    """``create_database(prefix) -> SQLAlchemy URL`` of a fresh database, dropped at session end."""
+    return postgres_server.create_database
+
+
+@pytest.fixture(scope="session")
+def s3_server(services_workdir: Path) -> Generator[MotoS3Server, None, None]:
+    """moto S3 server with the bucket ``s3_server.bucket``; ``s3_server.env()`` for clients."""
+    with _running(MotoS3Server(workdir=services_workdir / "moto"), "moto S3 server") as server:
+        STARTUP_SECONDS["moto s3"] = server.startup_seconds
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    postgres_server: PostgresServer, s3_server: MotoS3Server, services_workdir: Path
+) -> Generator[MLflowServer, None, None]:
+    """MLflow tracking server: PostgreSQL backend, ``s3://<bucket>/mlflow`` artifacts (not proxied)."""
+    backend = postgres_server.create_database("hpo_mlflow")
+    server = MLflowServer(backend_store_uri=backend, s3=s3_server, workdir=services_workdir / "mlflow")
+    with _running(server, "MLflow server") as running:
+        STARTUP_SECONDS["mlflow"] = running.startup_seconds
+        yield running
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server: MLflowServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Point this process's MLflow and boto3 clients at the test servers for one test."""
+    import mlflow
+
+    env = mlflow_server.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(mlflow_server.tracking_uri)
+    mlflow.set_registry_uri(mlflow_server.tracking_uri)
+    yield env
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="session")
+def optuna_storage_url(create_database: Callable[[str], str]) -> str:
+    """SQLAlchemy URL of a fresh PostgreSQL database for the Optuna RDB storage."""
+    return create_database("hpo_optuna")
+
+
+@pytest.fixture(scope="session")
+def hpo_env(optuna_storage_url: str, mlflow_server: MLflowServer) -> dict[str, str]:
+    """The environment the HPO pipeline reads: Optuna storage, MLflow tracking, S3 endpoint and keys."""
+    return {
+        "HPO_STORAGE_URL": optuna_storage_url,
+        "HPO_WORKER_BACKEND": "local",
+        **mlflow_server.env(),
+    }
+
+
+class AirflowFactory(Protocol):
+    def __call__(
+        self,
+        *,
+        dags_folder: Path,
+        plugins_folder: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> AirflowDeployment: ...
+
+
+@pytest.fixture(scope="session")
+def airflow_factory(
+    create_database: Callable[[str], str], services_workdir: Path
+) -> Generator[AirflowFactory, None, None]:
+    """``airflow_factory(*, dags_folder, plugins_folder=None, env=None) -> AirflowDeployment``.
+
+    Only one Airflow runs at a time (2 cores): asking for the configuration that is already running
+    returns it; asking for another stops it and starts a fresh one on a fresh metadata database.
+    """
+    current: dict[str, Any] = {}
+
+    def start(
+        *, dags_folder: Path, plugins_folder: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> AirflowDeployment:
+        key = (str(dags_folder), str(plugins_folder), tuple(sorted((env or {}).items())))
+        if current.get("key") == key:
+            return current["deployment"]  # type: ignore[no-any-return]
+        if "deployment" in current:
+            current.pop("deployment").stop()
+            current.pop("key")
+        count = current.get("count", 0) + 1
+        current["count"] = count
+        deployment = AirflowDeployment(
+            database_url=create_database("hpo_airflow"),
+            dags_folder=dags_folder,
+            plugins_folder=plugins_folder,
+            env=env,
+            home=services_workdir / f"airflow-{count}",
+        )
+        try:
+            deployment.start()
+        except (ServiceStartError, OSError, TimeoutError) as e:
+            deployment.stop()
+            pytest.fail(f"Airflow could not be started: {e}\n{deployment.logs_tail()}", pytrace=False)
+        for name, seconds in deployment.startup_seconds.items():
+            STARTUP_SECONDS[f"airflow #{count} {name}"] = seconds
+        current.update(key=key, deployment=deployment)
+        return deployment
+
+    try:
+        yield start
+    finally:
+        if "deployment" in current:
+            current["deployment"].stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_dags_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dags folder of the shared ``airflow``: tests write DAG files here and wait for them."""
+    return tmp_path_factory.mktemp("airflow_dags")
+
+
+@pytest.fixture(scope="session")
+def airflow(
+    airflow_factory: AirflowFactory, airflow_dags_folder: Path, hpo_env: dict[str, str]
+) -> AirflowDeployment:
+    """The session's shared Airflow: dags in ``airflow_dags_folder``, the repo's ``plugins/`` folder,
+    ``hpo_env`` plus ``PYTHONPATH`` (repo root and ``plugins/``) in every component and task."""
+    pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins")])
+    return airflow_factory(
+        dags_folder=airflow_dags_folder,
+        plugins_folder=REPO_ROOT / "plugins",
+        env={**hpo_env, "PYTHONPATH": pythonpath},
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Attach the Airflow component logs to the report of a failed test that used ``airflow``."""
+    report = yield
+    deployment = getattr(item, "funcargs", {}).get("airflow")
+    if report.failed and call.when == "call" and isinstance(deployment, AirflowDeployment):
+        report.sections.append(("airflow component logs", deployment.logs_tail(lines=30)))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print how long each service took to start."""
+    if STARTUP_SECONDS:
+        terminalreporter.section("service startup (seconds)")
+        for name, seconds in STARTUP_SECONDS.items():
+            terminalreporter.write_line(f"{name:32s} {seconds:6.1f}")
