@@ -1,0 +1,701 @@
+"""The study engine: start, suggest, observe and finalize a study stored in Optuna.
+
+Each function is one Airflow task's worth of work, but none imports Airflow: the glue in
+``plugins/hpo_airflow`` passes plain values in and turns the results into task outcomes.
+The Optuna storage is the single source of truth; return values are small summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo_core.deployment import Deployment
+from hpo_core.errors import StudyOutcomeError, StudySpecError, TrialStateError
+from hpo_core.samplers import SAMPLER_OPTION_KEYS, build_pruner, build_sampler
+from hpo_core.space import sample_params, space_size
+from hpo_core.spec import StudySpec, spec_from_json
+from hpo_core.storage import open_storage
+
+__all__ = [
+    "RunConfig",
+    "StudyCounts",
+    "count_trials",
+    "finalize_study",
+    "load_study",
+    "observe_round",
+    "reconcile_trials",
+    "start_study",
+    "study_name_for",
+    "suggest_batch",
+    "trial_label",
+]
+
+log = logging.getLogger(__name__)
+
+# Study attributes (user attrs of the Optuna study).
+ATTR_SPEC = "hpo.spec"
+ATTR_RUN_CONFIG = "hpo.run_config"
+ATTR_PARENT_RUN = "hpo.mlflow_parent_run_id"
+ATTR_EXPERIMENT = "hpo.mlflow_experiment_id"
+ATTR_STARTED = "hpo.started_at"
+ATTR_STOP = "hpo.stop_reason"
+ATTR_DAG_ID = "hpo.dag_id"
+ATTR_RUN_ID = "hpo.run_id"
+ATTR_ROUND_PREFIX = "hpo.round_summary."
+# Trial attributes.
+T_ROUND = "hpo.round"
+T_BATCH_INDEX = "hpo.batch_index"
+T_RETRY_OF = "hpo.retry_of"
+T_RETRY_ROOT = "hpo.retry_root"
+T_DISCARDED = "hpo.discarded"
+T_MODEL_URI = "hpo.model_uri"
+T_MLFLOW_RUN = "hpo.mlflow_run_id"
+T_METRICS = "hpo.metrics"
+T_LINEAGE = "hpo.lineage"
+FAIL_REASON = "fail_reason"
+
+_MAX_DUPLICATE_DRAWS = 20
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings one DAG run uses: the spec's budget with the trigger's overrides applied."""
+
+    n_trials: int
+    batch_size: int
+    seed: int | None
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, spec: StudySpec, overrides: Mapping[str, Any] | None) -> RunConfig:
+        """Apply trigger overrides (``n_trials``, ``batch_size``, ``seed``, ``sampler_options``).
+
+        Raises:
+            StudySpecError: an override is out of the spec's bounds or the rounds cannot hold it.
+        """
+        o = dict(overrides or {})
+        n_trials = int(o.get("n_trials") or spec.budget.n_trials)
+        batch_size = int(o.get("batch_size") or spec.budget.batch_size)
+        seed = o.get("seed", spec.sampler.seed)
+        options = dict(o.get("sampler_options") or {})
+        unknown = sorted(set(options) - set(SAMPLER_OPTION_KEYS))
+        if unknown:
+            raise StudySpecError(
+                f"{spec.dag_id}: params.sampler_options: unknown option(s) {unknown}; "
+                f"allowed: {list(SAMPLER_OPTION_KEYS)}"
+            )
+        limit = spec.budget.batch_size_limit
+        if not 1 <= batch_size <= limit:
+            raise StudySpecError(
+                f"{spec.dag_id}: params.batch_size: {batch_size} is outside 1..{limit} (budget.max_batch_size)"
+            )
+        rounds = spec.budget.max_rounds
+        if not 1 <= n_trials <= rounds * batch_size:
+            raise StudySpecError(
+                f"{spec.dag_id}: params.n_trials: {n_trials} needs {math.ceil(n_trials / batch_size)} rounds "
+                f"at batch_size={batch_size}, but the DAG has max_rounds={rounds}; "
+                f"use n_trials <= {rounds * batch_size} or a larger batch_size"
+            )
+        return cls(n_trials=n_trials, batch_size=batch_size, seed=seed, sampler_options=options)
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    """Trials that count toward the budget, by state (replacements count, the trials they replace do not)."""
+
+    counted: int
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+
+    @property
+    def finished(self) -> int:
+        """Trials in a final state."""
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def failed_fraction(self) -> float:
+        """Share of finished trials that failed."""
+        return self.failed / self.finished if self.finished else 0.0
+
+
+def study_name_for(spec: StudySpec, run_id: str) -> str:
+    """Optuna study name of one DAG run; a re-run of the same DAG run reuses the study."""
+    return f"{spec.name}.{run_id}"
+
+
+def load_study(storage_url: str, study_name: str, *, round_number: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Load a started study and its stored spec, with the sampler for ``round_number``."""
+    storage = open_storage(storage_url)
+    try:
+        bare = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError as e:
+        raise TrialStateError(f"study {study_name!r} does not exist; did the 'start' task run?") from e
+    attrs = bare.user_attrs
+    spec = spec_from_json(attrs[ATTR_SPEC])
+    config = RunConfig(**attrs[ATTR_RUN_CONFIG])
+    sampler = build_sampler(
+        spec, seed=config.seed, options=config.sampler_options, round_number=round_number
+    )
+    study = optuna.load_study(
+        study_name=study_name, storage=storage, sampler=sampler, pruner=build_pruner(spec)
+    )
+    return study, spec
+
+
+def run_config(study: optuna.Study) -> RunConfig:
+    """The run's effective settings, as stored by :func:`start_study`."""
+    return RunConfig(**study.user_attrs[ATTR_RUN_CONFIG])
+
+
+# --- start -----------------------------------------------------------------------------------
+
+
+def start_study(
+    spec: StudySpec,
+    *,
+    deployment: Deployment,
+    dag_id: str,
+    run_id: str,
+    overrides: Mapping[str, Any] | None = None,
+    study_name: str | None = None,
+) -> dict[str, Any]:
+    """Create or load the run's Optuna study and open its MLflow parent run.
+
+    Returns:
+        ``{"study_name", "parent_run_id", "experiment_id", "run_config"}`` (small, for XCom).
+    """
+    config = RunConfig.resolve(spec, overrides)
+    name = study_name or study_name_for(spec, run_id)
+    deployment.ensure_local_dirs()
+    storage = open_storage(deployment.storage_url)
+    directions = spec.all_directions
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=directions,
+        load_if_exists=True,
+    )
+    if [d.name.lower() for d in study.directions] != directions:
+        raise StudySpecError(
+            f"{spec.dag_id}: study {name!r} exists with directions "
+            f"{[d.name.lower() for d in study.directions]}, the spec says {directions}"
+        )
+    attrs = study.user_attrs
+    study.set_user_attr(ATTR_SPEC, spec.to_json())
+    study.set_user_attr(ATTR_RUN_CONFIG, asdict(config))
+    study.set_user_attr(ATTR_DAG_ID, dag_id)
+    study.set_user_attr(ATTR_RUN_ID, run_id)
+    if ATTR_STARTED not in attrs:
+        study.set_user_attr(ATTR_STARTED, time.time())
+    if attrs.get(ATTR_STOP):
+        # A cleared and re-run DAG run starts deciding afresh.
+        study.set_user_attr(ATTR_STOP, None)
+
+    from hpo_core import tracking
+
+    mlflow_client = tracking.client(deployment)
+    experiment_id = tracking.ensure_experiment(mlflow_client, spec.mlflow.experiment, deployment.artifact_root)
+    parent = tracking.find_or_create_parent_run(
+        mlflow_client,
+        experiment_id=experiment_id,
+        study_name=name,
+        run_name=f"{spec.name} · {run_id}",
+        tags={"hpo.dag_id": dag_id, "hpo.run_id": run_id, "mlflow.note.content": spec.description},
+    )
+    for key, value in {
+        "n_trials": config.n_trials,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "sampler": spec.sampler.type,
+        "max_rounds": spec.budget.max_rounds,
+        **{f"sampler.{k}": v for k, v in sorted(config.sampler_options.items())},
+    }.items():
+        _log_param_once(mlflow_client, parent, key, value)
+    study.set_user_attr(ATTR_PARENT_RUN, parent)
+    study.set_user_attr(ATTR_EXPERIMENT, experiment_id)
+    log.info("study %s ready: %s", name, asdict(config))
+    return {
+        "study_name": name,
+        "parent_run_id": parent,
+        "experiment_id": experiment_id,
+        "run_config": asdict(config),
+    }
+
+
+def _log_param_once(mlflow_client: Any, run_id: str, key: str, value: Any) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.log_param(run_id, key, "null" if value is None else str(value))
+    except MlflowException:
+        # Params are immutable: a re-run with the same run keeps the first value.
+        log.info("param %s already logged on the parent run", key)
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+
+def _our_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if T_ROUND in t.user_attrs and not t.user_attrs.get(T_DISCARDED)
+    ]
+
+
+def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    superseded = {t.user_attrs[T_RETRY_OF] for t in trials if T_RETRY_OF in t.user_attrs}
+    return [t for t in trials if t.number not in superseded]
+
+
+def count_trials(study: optuna.Study) -> StudyCounts:
+    """Count the trials that make up the study's budget."""
+    counted = _counted(_our_trials(study))
+    by_state = {s: sum(1 for t in counted if t.state == s) for s in TrialState}
+    return StudyCounts(
+        counted=len(counted),
+        complete=by_state[TrialState.COMPLETE],
+        pruned=by_state[TrialState.PRUNED],
+        failed=by_state[TrialState.FAIL],
+        running=by_state[TrialState.RUNNING] + by_state[TrialState.WAITING],
+    )
+
+
+# --- suggest ---------------------------------------------------------------------------------
+
+
+def trial_label(number: int, params: Mapping[str, Any]) -> str:
+    """Display name of a mapped trial task: ``trial 17 · lr=0.003 depth=6``."""
+    shown = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    text = f"trial {number} · {shown}" if shown else f"trial {number}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def suggest_batch(
+    *,
+    storage_url: str,
+    study_name: str,
+    round_number: int,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Ask the sampler for this round's batch, params materialised at once.
+
+    Idempotent: if the round already has trials (the task was retried or cleared), the same
+    batch is returned instead of asking again.
+
+    Returns:
+        ``(batch, skip_reason)``: the batch ``[{"trial_number", "params", "label"}, ...]`` and,
+        when it is empty, why the round is not needed.
+    """
+    study, spec = load_study(storage_url, study_name, round_number=round_number)
+    existing = sorted(
+        (
+            t
+            for t in _our_trials(study)
+            if t.user_attrs.get(T_ROUND) == round_number and T_RETRY_OF not in t.user_attrs
+        ),
+        key=lambda t: t.user_attrs.get(T_BATCH_INDEX, 0),
+    )
+    if existing:
+        log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
+        return [_batch_entry(t.number, t.params) for t in existing], None
+    stop = study.user_attrs.get(ATTR_STOP)
+    if stop:
+        return [], f"study stopped before round {round_number}: {stop}"
+    config = run_config(study)
+    counts = count_trials(study)
+    remaining = config.n_trials - counts.counted
+    if remaining <= 0:
+        return [], f"budget spent: {counts.counted} of {config.n_trials} trials"
+    deadline = _deadline_reason(study, spec)
+    if deadline:
+        return [], deadline
+    size = min(config.batch_size, remaining)
+    exhaustible = space_size(spec)
+    batch: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index in range(size):
+        trial, params = _ask_distinct(study, spec, seen, exhaustible)
+        if trial is None:
+            break
+        seen.add(_key(params))
+        for key, value in {
+            T_ROUND: round_number,
+            T_BATCH_INDEX: index,
+            "hpo.dag_id": dag_id,
+            "hpo.run_id": run_id,
+            "hpo.map_index": index,
+        }.items():
+            trial.set_user_attr(key, value)
+        batch.append(_batch_entry(trial.number, params))
+    log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
+    if not batch:
+        return [], "search space exhausted"
+    return batch, None
+
+
+def _batch_entry(number: int, params: Mapping[str, Any]) -> dict[str, Any]:
+    return {"trial_number": number, "params": dict(params), "label": trial_label(number, params)}
+
+
+def _key(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def _ask_distinct(
+    study: optuna.Study, spec: StudySpec, seen: set[str], space: float
+) -> tuple[optuna.trial.Trial | None, dict[str, Any]]:
+    """Ask one trial whose params differ from the batch so far.
+
+    A duplicate draw is closed as a discarded FAIL (it never counts toward the budget); after
+    many duplicates the space is taken as exhausted for this batch and the duplicate is kept.
+    """
+    for attempt in range(_MAX_DUPLICATE_DRAWS):
+        trial = study.ask()
+        if study.user_attrs.get("grid_exhausted") or _grid_exhausted(study, trial):
+            study.tell(trial, state=TrialState.FAIL)
+            return None, {}
+        params = sample_params(spec, trial)
+        if _key(params) not in seen or len(seen) >= space or attempt == _MAX_DUPLICATE_DRAWS - 1:
+            return trial, params
+        trial.set_user_attr(T_DISCARDED, "duplicate of another trial in the same batch")
+        study.tell(trial, state=TrialState.FAIL)
+    raise AssertionError("unreachable")
+
+
+def _grid_exhausted(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
+    sampler = study.sampler
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        return False
+    return bool(sampler.is_exhausted(study)) and "grid_id" not in trial.system_attrs
+
+
+def _deadline_reason(study: optuna.Study, spec: StudySpec) -> str | None:
+    if spec.budget.timeout is None:
+        return None
+    started = float(study.user_attrs.get(ATTR_STARTED, time.time()))
+    elapsed = time.time() - started
+    # A new round is worth starting only if one trial's time still fits.
+    left = spec.budget.timeout - elapsed
+    if left < min(spec.trial.execution_timeout, spec.budget.timeout) * 0.5 or left <= 0:
+        return f"study timeout near: {elapsed:.0f}s of {spec.budget.timeout}s used"
+    return None
+
+
+# --- observe ---------------------------------------------------------------------------------
+
+
+def reconcile_trials(
+    study: optuna.Study,
+    *,
+    round_number: int | None,
+    task_states: Mapping[int, str] | None = None,
+    stale_after: float | None = None,
+) -> list[int]:
+    """Close trials left RUNNING by a worker that is gone, as FAIL with the reason.
+
+    ``round_number`` given: every RUNNING trial of that round and earlier (their tasks have
+    ended, so nothing will report them). ``stale_after`` given: also RUNNING trials of any
+    round whose last sign of life is older than that many seconds.
+    """
+    closed = []
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        trial_round = t.user_attrs.get(T_ROUND)
+        if trial_round is None:
+            continue
+        reason = None
+        if round_number is not None and trial_round <= round_number:
+            map_index = t.user_attrs.get("hpo.map_index")
+            state = (task_states or {}).get(map_index) if map_index is not None else None
+            reason = (
+                f"worker ended without reporting a result (Airflow task state: {state})"
+                if state
+                else "worker ended without reporting a result (task failed, timed out or was killed)"
+            )
+        elif stale_after is not None:
+            last = float(t.user_attrs.get("hpo.heartbeat", 0) or 0) or (
+                t.datetime_start.timestamp() if t.datetime_start else now
+            )
+            if now - last > stale_after:
+                reason = f"stale: no sign of life from its worker for {now - last:.0f}s"
+        if reason is None:
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, reason)
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError) as e:  # finished meanwhile by a late worker
+            log.info("trial %d changed state while reconciling: %s", t.number, e)
+            continue
+        log.warning("trial %d closed as FAIL: %s", t.number, reason)
+        closed.append(t.number)
+    return closed
+
+
+def observe_round(
+    *,
+    deployment: Deployment,
+    study_name: str,
+    round_number: int,
+    task_states: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Reconcile the round, log its summary to the parent run, and decide whether to go on."""
+    study, spec = load_study(deployment.storage_url, study_name, round_number=round_number)
+    closed = reconcile_trials(study, round_number=round_number, task_states=task_states)
+    config = run_config(study)
+    trials = _counted(_our_trials(study))
+    round_trials = [t for t in trials if t.user_attrs.get(T_ROUND) == round_number]
+    counts = count_trials(study)
+    direction = spec.all_directions[0]
+    score_index = _score_index(spec)
+    best = _best_value(trials, score_index, direction)
+    round_best = _best_value(round_trials, score_index, direction)
+    previous = [
+        study.user_attrs[f"{ATTR_ROUND_PREFIX}{k}"]
+        for k in range(1, round_number)
+        if f"{ATTR_ROUND_PREFIX}{k}" in study.user_attrs
+    ]
+    summary: dict[str, Any] = {
+        "round": round_number,
+        "trials": [t.number for t in round_trials],
+        "round_complete": sum(t.state == TrialState.COMPLETE for t in round_trials),
+        "round_pruned": sum(t.state == TrialState.PRUNED for t in round_trials),
+        "round_failed": sum(t.state == TrialState.FAIL for t in round_trials),
+        "round_best": round_best,
+        "best_value": best,
+        "complete": counts.complete,
+        "pruned": counts.pruned,
+        "failed": counts.failed,
+        "counted": counts.counted,
+        "n_trials": config.n_trials,
+        "reconciled": closed,
+        "failures": {
+            t.number: t.user_attrs.get(FAIL_REASON, "unknown")
+            for t in round_trials
+            if t.state == TrialState.FAIL
+        },
+    }
+    summary["stop_reason"] = _stop_reason(spec, config, counts, best, previous, round_number)
+    if summary["stop_reason"] is None:
+        summary["stop_reason"] = _deadline_reason(study, spec)
+    study.set_user_attr(f"{ATTR_ROUND_PREFIX}{round_number}", summary)
+    if summary["stop_reason"]:
+        study.set_user_attr(ATTR_STOP, summary["stop_reason"])
+    _log_round(deployment, study, summary)
+    log.info("round %d summary: %s", round_number, json.dumps(summary, default=str))
+    return summary
+
+
+def _score_index(spec: StudySpec) -> int:
+    if spec.pareto_choice is not None:
+        return spec.objective_metrics.index(spec.pareto_choice.metric)
+    return 0
+
+
+def _best_value(trials: list[FrozenTrial], index: int, direction: str) -> float | None:
+    values = [t.values[index] for t in trials if t.state == TrialState.COMPLETE and t.values]
+    if not values:
+        return None
+    return max(values) if direction == "maximize" else min(values)
+
+
+def _stop_reason(
+    spec: StudySpec,
+    config: RunConfig,
+    counts: StudyCounts,
+    best: float | None,
+    previous: list[dict[str, Any]],
+    round_number: int,
+) -> str | None:
+    if counts.counted >= config.n_trials:
+        return f"budget spent: {counts.counted} of {config.n_trials} trials"
+    direction = spec.all_directions[_score_index(spec)]
+    target = spec.stopping.target
+    if target is not None and best is not None:
+        if (direction == "maximize" and best >= target) or (direction == "minimize" and best <= target):
+            return f"target reached: best {best:.6g} vs target {target:.6g}"
+    patience = spec.stopping.patience
+    if patience is not None and round_number > patience:
+        history = [p.get("best_value") for p in previous] + [best]
+        before = history[-patience - 1]
+        if before is not None and best is not None:
+            gain = best - before if direction == "maximize" else before - best
+            if gain <= spec.stopping.min_improvement:
+                return f"no improvement for {patience} rounds (best {best:.6g})"
+    if round_number >= spec.budget.max_rounds:
+        return f"last round ({spec.budget.max_rounds}) done"
+    return None
+
+
+def _log_round(deployment: Deployment, study: optuna.Study, summary: Mapping[str, Any]) -> None:
+    parent = study.user_attrs.get(ATTR_PARENT_RUN)
+    if not parent:
+        return
+    from hpo_core import tracking
+
+    mlflow_client = tracking.client(deployment)
+    step = int(summary["round"])
+    metrics = {
+        "best_value": summary["best_value"],
+        "round_best": summary["round_best"],
+        "n_complete": summary["complete"],
+        "n_pruned": summary["pruned"],
+        "n_failed": summary["failed"],
+        "round_complete": summary["round_complete"],
+        "round_pruned": summary["round_pruned"],
+        "round_failed": summary["round_failed"],
+    }
+    import mlflow.entities
+
+    ts = int(time.time() * 1000)
+    mlflow_client.log_batch(
+        parent,
+        metrics=[
+            mlflow.entities.Metric(key, float(v), ts, step) for key, v in metrics.items() if v is not None
+        ],
+    )
+    mlflow_client.log_dict(parent, dict(summary), f"rounds/round_{step:03d}.json")
+
+
+# --- finalize --------------------------------------------------------------------------------
+
+
+def pick_best(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
+    """The best completed trial; with several objectives, the Pareto trial the spec's rule picks."""
+    complete = [t for t in _our_trials(study) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return None
+    if not spec.is_multi_objective:
+        key = (lambda t: t.value) if spec.direction == "minimize" else (lambda t: -t.value)  # type: ignore[operator]
+        return min(complete, key=key)
+    front_numbers = {t.number for t in study.best_trials}
+    front = [t for t in complete if t.number in front_numbers] or complete
+    choice = spec.pareto_choice
+    assert choice is not None  # validated for multi-objective specs
+    metrics = spec.objective_metrics
+    if choice.weights:
+        signs = [1.0 if d == "maximize" else -1.0 for d in spec.all_directions]
+
+        def score(t: FrozenTrial) -> float:
+            return sum(
+                choice.weights.get(m, 0.0) * s * v  # type: ignore[union-attr]
+                for m, s, v in zip(metrics, signs, t.values, strict=True)
+            )
+
+        return max(front, key=score)
+    idx = metrics.index(choice.metric)
+    sign = 1.0 if spec.all_directions[idx] == "maximize" else -1.0
+    return max(front, key=lambda t: sign * t.values[idx])
+
+
+def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]:
+    """Pick the best trial, register its model (alias ``challenger``) and close the parent run.
+
+    Idempotent: a second call finds the version registered by the first.
+
+    Raises:
+        StudyOutcomeError: no trial completed, or the failed fraction is above the spec's limit
+            (the parent run is closed as FAILED with the reason first).
+    """
+    study, spec = load_study(deployment.storage_url, study_name)
+    reconcile_trials(study, round_number=spec.budget.max_rounds)
+    counts = count_trials(study)
+    best = pick_best(study, spec)
+    from hpo_core import registry, tracking
+
+    mlflow_client = tracking.client(deployment)
+    parent = study.user_attrs.get(ATTR_PARENT_RUN)
+    problem = None
+    if best is None:
+        problem = f"no trial completed ({counts.failed} failed, {counts.pruned} pruned of {counts.counted})"
+    elif counts.failed_fraction > spec.stopping.max_failed_fraction:
+        problem = (
+            f"{counts.failed} of {counts.finished} trials failed ({counts.failed_fraction:.0%}), "
+            f"above stopping.max_failed_fraction={spec.stopping.max_failed_fraction:.0%}"
+        )
+    if problem is not None:
+        if parent:
+            mlflow_client.set_tag(parent, "hpo.outcome", f"failed: {problem}")
+            mlflow_client.set_terminated(parent, status="FAILED")
+        raise StudyOutcomeError(f"study {study_name}: {problem}")
+    assert best is not None
+    result: dict[str, Any] = {
+        "study_name": study_name,
+        "best_trial": best.number,
+        "best_values": dict(zip(spec.objective_metrics, best.values, strict=True)),
+        "best_value": best.values[_score_index(spec)],
+        "best_params": dict(best.params),
+        "complete": counts.complete,
+        "pruned": counts.pruned,
+        "failed": counts.failed,
+        "parent_run_id": parent,
+        "model_version": None,
+    }
+    if spec.mlflow.registered_model:
+        model_uri = best.user_attrs.get(T_MODEL_URI)
+        if not model_uri:
+            raise StudyOutcomeError(
+                f"study {study_name}: best trial {best.number} logged no model; call ctx.log_model(...) "
+                f"in the objective, or remove mlflow.registered_model from the study file"
+            )
+        version = registry.register_trial_model(
+            mlflow_client,
+            name=spec.mlflow.registered_model,
+            model_uri=model_uri,
+            tags=lineage_tags(study, spec, best),
+        )
+        result["model_version"] = version
+        result["model_name"] = spec.mlflow.registered_model
+        result["alias"] = registry.CHALLENGER
+    if parent:
+        import mlflow.entities
+
+        ts = int(time.time() * 1000)
+        mlflow_client.log_batch(
+            parent,
+            metrics=[mlflow.entities.Metric(f"best.{k}", float(v), ts, 0) for k, v in result["best_values"].items()],
+            tags=[
+                mlflow.entities.RunTag("hpo.best_trial", str(best.number)),
+                mlflow.entities.RunTag("hpo.best_params", json.dumps(best.params, sort_keys=True)),
+                mlflow.entities.RunTag("hpo.outcome", "succeeded"),
+            ],
+        )
+        mlflow_client.set_terminated(parent, status="FINISHED")
+    log.info("study %s finalized: %s", study_name, json.dumps(result, default=str))
+    return result
+
+
+def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dict[str, str]:
+    """Tags that prove where a registered version came from."""
+    tags = {
+        "hpo.study": study.study_name,
+        "hpo.trial_number": str(best.number),
+        "hpo.metric": spec.objective_metrics[_score_index(spec)],
+        "hpo.value": repr(best.values[_score_index(spec)]),
+        "hpo.values": json.dumps(dict(zip(spec.objective_metrics, best.values, strict=True))),
+        "hpo.params": json.dumps(best.params, sort_keys=True),
+        "hpo.dag_id": str(study.user_attrs.get(ATTR_DAG_ID)),
+        "hpo.run_id": str(study.user_attrs.get(ATTR_RUN_ID)),
+        "hpo.mlflow_run_id": str(best.user_attrs.get(T_MLFLOW_RUN)),
+    }
+    for key, value in (best.user_attrs.get(T_LINEAGE) or {}).items():
+        tags[f"hpo.{key}"] = str(value)
+    return tags

@@ -1,0 +1,46 @@
+"""Exceptions of the HPO pipeline: one base class, specific subclasses that are also builtins."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HpoError",
+    "ObjectiveError",
+    "PromotionError",
+    "SearchSpaceError",
+    "StorageConfigError",
+    "StudySpecError",
+    "StudyOutcomeError",
+    "TrialStateError",
+]
+
+
+class HpoError(Exception):
+    """Base class of every error raised on purpose by this project."""
+
+
+class StudySpecError(HpoError, ValueError):
+    """A study definition (YAML) is invalid; the message names file, field, value and fix."""
+
+
+class SearchSpaceError(HpoError, ValueError):
+    """Params do not fit the declared search space (undeclared or inactive parameter, bad value)."""
+
+
+class ObjectiveError(HpoError, RuntimeError):
+    """The objective could not be imported or returned something unusable."""
+
+
+class TrialStateError(HpoError, RuntimeError):
+    """A trial is not in a state that allows the requested operation."""
+
+
+class StorageConfigError(HpoError, ValueError):
+    """The Optuna storage or MLflow location is missing or malformed."""
+
+
+class StudyOutcomeError(HpoError, RuntimeError):
+    """The study finished without a usable result (no completed trial, too many failures)."""
+
+
+class PromotionError(HpoError, ValueError):
+    """A registry promotion or rollback cannot be carried out as asked."""

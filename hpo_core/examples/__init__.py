@@ -1,0 +1,1 @@
+"""Example objectives that ship with the worker image."""

@@ -1,0 +1,548 @@
+"""Study definition: a YAML file loaded safely into a frozen, validated :class:`StudySpec`.
+
+The spec is plain data. It never imports Airflow, Optuna or MLflow, so the DAG processor can
+parse every study file cheaply and the worker image can load it without Airflow installed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpo_core.errors import StudySpecError
+
+__all__ = [
+    "BudgetSpec",
+    "CategoricalParam",
+    "Condition",
+    "FloatParam",
+    "IntParam",
+    "MlflowSpec",
+    "ParamSpec",
+    "PrunerSpec",
+    "SamplerSpec",
+    "StoppingSpec",
+    "StudySpec",
+    "TrialSpec",
+    "WorkerSpec",
+    "load_spec",
+    "parse_spec",
+    "spec_from_json",
+]
+
+_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+_IMPORT_PATH_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+CategoricalValue = str | int | float | bool | None
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Condition(_Frozen):
+    """Makes a parameter exist only when another parameter has one of the given values."""
+
+    param: str = Field(description="name of the parent parameter")
+    equals: CategoricalValue = None
+    in_: list[CategoricalValue] | None = Field(default=None, alias="in")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Condition:
+        if ("equals" in self.model_fields_set) == (self.in_ is not None):
+            raise ValueError("give exactly one of 'equals' or 'in'")
+        if self.in_ is not None and not self.in_:
+            raise ValueError("'in' needs at least one value")
+        return self
+
+    @property
+    def values(self) -> list[CategoricalValue]:
+        """The parent values that activate the parameter."""
+        return list(self.in_) if self.in_ is not None else [self.equals]
+
+    def is_active(self, params: Mapping[str, Any]) -> bool:
+        """Whether the parameter is active given the already chosen ``params``."""
+        return self.param in params and params[self.param] in self.values
+
+
+class _ParamBase(_Frozen):
+    condition: Condition | None = None
+
+
+class FloatParam(_ParamBase):
+    """A float in ``[low, high]``, optionally log-scaled or on a grid of ``step``."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntParam(_ParamBase):
+    """An integer in ``[low, high]``, optionally log-scaled or with a ``step``."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log, None if self.step == 1 else self.step)
+        if self.log and self.step != 1:
+            raise ValueError("'log' requires step 1 for int parameters")
+        return self
+
+
+class CategoricalParam(_ParamBase):
+    """One of a list of choices (strings, numbers, booleans or null)."""
+
+    type: Literal["categorical"]
+    choices: list[CategoricalValue]
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, v: list[CategoricalValue]) -> list[CategoricalValue]:
+        if not v:
+            raise ValueError("needs at least one choice")
+        if len({json.dumps(c) for c in v}) != len(v):
+            raise ValueError(f"choices must be distinct, got {v!r}")
+        return v
+
+
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("low and high must be finite numbers")
+    if low > high:
+        raise ValueError(f"low ({low}) must not be above high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"'log' needs low > 0, got low={low}")
+    if step is not None:
+        if step <= 0:
+            raise ValueError(f"step must be positive, got {step}")
+        if log:
+            raise ValueError("'step' and 'log' cannot be combined")
+
+
+_SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
+_MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "gp", "qmc", "grid")
+
+
+class SamplerSpec(_Frozen):
+    """Which Optuna sampler suggests the trials, with its options."""
+
+    type: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
+    seed: int | None = None
+    multivariate: bool = False
+    constant_liar: bool = True
+    n_startup_trials: int | None = Field(default=None, ge=0)
+    population_size: int | None = Field(default=None, ge=2)
+    qmc_type: Literal["sobol", "halton"] = "sobol"
+
+
+class PrunerSpec(_Frozen):
+    """Which pruner stops unpromising trials from their intermediate reports."""
+
+    type: Literal["none", "median", "percentile", "successive_halving", "hyperband"] = "none"
+    n_startup_trials: int = Field(default=5, ge=0)
+    n_warmup_steps: int = Field(default=0, ge=0)
+    percentile: float = Field(default=25.0, gt=0, lt=100)
+
+
+class BudgetSpec(_Frozen):
+    """How many trials, in rounds of how many, within how much time."""
+
+    n_trials: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_rounds: int = Field(ge=1, le=200)
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    timeout: int | None = Field(default=None, gt=0, description="study timeout in seconds")
+
+    @property
+    def batch_size_limit(self) -> int:
+        """The largest batch a trigger may ask for (defaults to ``batch_size``)."""
+        return self.max_batch_size or self.batch_size
+
+    @model_validator(mode="after")
+    def _fits(self) -> BudgetSpec:
+        if self.batch_size > self.batch_size_limit:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must not exceed max_batch_size ({self.max_batch_size})"
+            )
+        if self.n_trials > self.max_rounds * self.batch_size:
+            raise ValueError(
+                f"n_trials ({self.n_trials}) does not fit in max_rounds ({self.max_rounds}) x "
+                f"batch_size ({self.batch_size}) = {self.max_rounds * self.batch_size}; "
+                "raise max_rounds or batch_size, or lower n_trials"
+            )
+        return self
+
+
+class StoppingSpec(_Frozen):
+    """When to stop before the budget is spent, and when a study counts as failed."""
+
+    target: float | None = None
+    patience: int | None = Field(default=None, ge=1, description="rounds without improvement")
+    max_failed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_improvement: float = Field(default=0.0, ge=0.0)
+
+
+class TrialSpec(_Frozen):
+    """Per-trial task settings: retries and timeouts (seconds)."""
+
+    retries: int = Field(default=1, ge=0, le=20)
+    retry_delay: int = Field(default=10, ge=0)
+    execution_timeout: int = Field(default=3600, gt=0)
+    stale_timeout: int | None = Field(default=None, gt=0)
+
+
+class MlflowSpec(_Frozen):
+    """Where the study's runs and its registered model go."""
+
+    experiment: str = Field(min_length=1, max_length=200)
+    registered_model: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ResourcesSpec(_Frozen):
+    """Kubernetes resources of one trial pod."""
+
+    cpu: str = "1"
+    memory: str = "2Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+    gpu: int = Field(default=0, ge=0, le=16)
+
+
+class WorkerSpec(_Frozen):
+    """How a trial is evaluated: a local subprocess or a Kubernetes pod."""
+
+    backend: Literal["local", "kubernetes"] = "local"
+    image: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    namespace: str | None = None
+    service_account: str | None = None
+    resources: ResourcesSpec = ResourcesSpec()
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    pod_template_file: str | None = None
+    secret_name: str = "hpo-trial-credentials"
+    startup_timeout: int = Field(default=300, gt=0)
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_succeeded_pod"
+    pool: str | None = None
+    max_active_trials: int | None = Field(default=None, ge=1)
+
+
+class ParetoChoice(_Frozen):
+    """Rule that picks one trial from the Pareto front of a multi-objective study."""
+
+    metric: str
+    weights: dict[str, float] | None = None
+
+
+class StudySpec(_Frozen):
+    """A validated study definition."""
+
+    name: str = Field(pattern=_NAME_RE)
+    description: str = ""
+    owner: str = "airflow"
+    tags: list[str] = Field(default_factory=list)
+    objective: str = Field(pattern=_IMPORT_PATH_RE)
+    direction: Literal["minimize", "maximize"] | None = None
+    directions: list[Literal["minimize", "maximize"]] | None = None
+    metric: str | None = None
+    metrics: list[str] | None = None
+    search_space: dict[str, ParamSpec] | None = None
+    space_function: str | None = Field(default=None, pattern=_IMPORT_PATH_RE)
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    budget: BudgetSpec
+    stopping: StoppingSpec = StoppingSpec()
+    trial: TrialSpec = TrialSpec()
+    mlflow: MlflowSpec
+    pareto_choice: ParetoChoice | None = None
+    schedule: str | None = None
+    worker: WorkerSpec = WorkerSpec()
+
+    @field_validator("search_space")
+    @classmethod
+    def _param_names(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("declares no parameter; add at least one or use space_function")
+            for name in v:
+                if not re.match(r"^[A-Za-z_][\w.\-]{0,127}$", name):
+                    raise ValueError(f"parameter name {name!r} must be an identifier-like string")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudySpec:
+        if (self.search_space is None) == (self.space_function is None):
+            raise ValueError("give exactly one of 'search_space' or 'space_function'")
+        if (self.direction is None) == (self.directions is None):
+            raise ValueError("give exactly one of 'direction' or 'directions'")
+        if self.directions is not None:
+            if len(self.directions) < 2:
+                raise ValueError("'directions' needs at least two entries; use 'direction' for one")
+            if self.metrics is None or len(self.metrics) != len(self.directions):
+                raise ValueError("'metrics' must name one metric per entry of 'directions'")
+            if self.sampler.type not in _MULTI_OBJECTIVE_SAMPLERS:
+                raise ValueError(
+                    f"sampler {self.sampler.type!r} cannot optimise several objectives; "
+                    f"use one of {list(_MULTI_OBJECTIVE_SAMPLERS)}"
+                )
+            if self.pareto_choice is None or self.pareto_choice.metric not in self.metrics:
+                raise ValueError("several objectives need 'pareto_choice.metric' naming one of 'metrics'")
+            if self.pruner.type != "none":
+                raise ValueError("pruning is not supported with several objectives; set pruner.type: none")
+        else:
+            if self.metrics is not None:
+                raise ValueError("'metrics' goes with 'directions'; use 'metric' for one objective")
+            if self.sampler.type == "nsga2":
+                raise ValueError("sampler 'nsga2' is for several objectives ('directions')")
+        if self.search_space is not None:
+            _check_conditions(self.search_space)
+            if self.sampler.type == "grid":
+                for pname, p in self.search_space.items():
+                    if isinstance(p, FloatParam) and p.step is None:
+                        raise ValueError(
+                            f"grid sampler needs a finite grid: float parameter {pname!r} has no 'step'"
+                        )
+        elif self.sampler.type == "grid":
+            raise ValueError("grid sampler needs a declared 'search_space', not a 'space_function'")
+        if self.schedule is not None and not self.schedule.strip():
+            raise ValueError("schedule must be a cron expression, a preset like '@daily', or null")
+        return self
+
+    # --- derived views -------------------------------------------------------------------
+    @property
+    def dag_id(self) -> str:
+        """Airflow DAG id of this study."""
+        return f"hpo_{self.name}"
+
+    @property
+    def is_multi_objective(self) -> bool:
+        """Whether the study optimises several objectives."""
+        return self.directions is not None
+
+    @property
+    def all_directions(self) -> list[str]:
+        """Directions as a list, one per objective."""
+        return list(self.directions) if self.directions is not None else [str(self.direction)]
+
+    @property
+    def objective_metrics(self) -> list[str]:
+        """Metric names, one per objective (defaults to ``value``)."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        return [self.metric or "value"]
+
+    @property
+    def execution_timeout(self) -> timedelta:
+        """Per-trial timeout as a timedelta."""
+        return timedelta(seconds=self.trial.execution_timeout)
+
+    def ordered_params(self) -> list[tuple[str, FloatParam | IntParam | CategoricalParam]]:
+        """Declared parameters, parents before the parameters whose condition names them."""
+        assert self.search_space is not None  # guarded by callers; not user input
+        return _topological(self.search_space)
+
+    def to_json(self) -> str:
+        """Serialise for storage (Optuna study attribute) and the worker."""
+        return self.model_dump_json(by_alias=True, exclude_none=False)
+
+
+def _topological(space: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    ordered: list[tuple[str, Any]] = []
+    placed: set[str] = set()
+    pending = dict(space)
+    while pending:
+        progressed = False
+        for name, p in list(pending.items()):
+            if p.condition is None or p.condition.param in placed:
+                ordered.append((name, p))
+                placed.add(name)
+                del pending[name]
+                progressed = True
+        if not progressed:
+            raise ValueError(f"conditions form a cycle among {sorted(pending)}")
+    return ordered
+
+
+def _check_conditions(space: Mapping[str, Any]) -> None:
+    for name, p in space.items():
+        cond = p.condition
+        if cond is None:
+            continue
+        if cond.param == name:
+            raise ValueError(f"parameter {name!r} cannot be conditional on itself")
+        parent = space.get(cond.param)
+        if parent is None:
+            raise ValueError(
+                f"parameter {name!r}: condition names {cond.param!r}, which is not declared "
+                f"(declared: {sorted(space)})"
+            )
+        if isinstance(parent, CategoricalParam):
+            unknown = [v for v in cond.values if v not in parent.choices]
+            if unknown:
+                raise ValueError(
+                    f"parameter {name!r}: condition values {unknown!r} are not choices of "
+                    f"{cond.param!r} {parent.choices!r}"
+                )
+    _topological(space)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_TOP_LEVEL_FIELDS = tuple(StudySpec.model_fields)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Load and validate a study file.
+
+    Raises:
+        StudySpecError: the file is unreadable, not YAML, or invalid; the message names the file,
+            the field path, the bad value and what is allowed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise StudySpecError(f"{path}: cannot read study file: {e.strerror or e}") from e
+    return parse_spec(text, source=str(path))
+
+
+def parse_spec(text: str, *, source: str = "<string>") -> StudySpec:
+    """Validate a study definition given as YAML text."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise StudySpecError(f"{source}: not valid YAML{where}: {problem}") from e
+    if not isinstance(raw, dict):
+        raise StudySpecError(
+            f"{source}: a study file must be a mapping of fields (name, objective, ...), "
+            f"got {type(raw).__name__}"
+        )
+    return validate_mapping(raw, source=source)
+
+
+def validate_mapping(raw: Mapping[str, Any], *, source: str) -> StudySpec:
+    """Validate an already parsed mapping; used by :func:`parse_spec` and tests."""
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as e:
+        raise StudySpecError(_format_errors(source, raw, e)) from e
+
+
+def spec_from_json(text: str) -> StudySpec:
+    """Rebuild a spec stored with :meth:`StudySpec.to_json` (e.g. in the Optuna study)."""
+    return validate_mapping(json.loads(text), source="<stored spec>")
+
+
+def _format_errors(source: str, raw: Mapping[str, Any], error: ValidationError) -> str:
+    lines = []
+    seen: set[str] = set()
+    for err in error.errors():
+        loc = _clean_loc(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1]) if loc else "?"
+            allowed = _allowed_keys(raw, loc[:-1])
+            hint = [a for a in allowed if sorted(a) == sorted(key)] or difflib.get_close_matches(
+                key, allowed, n=1
+            )
+            msg = f"{path}: unknown key {key!r}; allowed keys: {', '.join(allowed)}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+        elif kind == "missing":
+            msg = f"{path}: required field is missing"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            given = err.get("input")
+            shown = _shorten(given.get("type")) if isinstance(given, Mapping) else _shorten(given)
+            what = "is missing" if kind == "union_tag_not_found" else f"is {shown}"
+            msg = f"{path}.type: {what}; allowed: 'float', 'int', 'categorical'"
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            msg = f"{path}: {_shorten(err.get('input'))} is not allowed; allowed: {expected}"
+        else:
+            detail = err["msg"].removeprefix("Value error, ")
+            msg = f"{path}: {detail} (got {_shorten(err.get('input'))})"
+        if msg not in seen:
+            seen.add(msg)
+            lines.append(f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def _clean_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
+    # Pydantic adds the union member tag ('float', 'int', ...) to the location; drop it.
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        if (
+            i > 0
+            and part in ("float", "int", "categorical")
+            and i >= 2
+            and loc[i - 2] == "search_space"
+        ):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _allowed_keys(raw: Mapping[str, Any], parent: Sequence[Any]) -> list[str]:
+    model: Any = StudySpec
+    if len(parent) == 2 and parent[0] == "search_space":
+        params = raw.get("search_space")
+        ptype = params.get(parent[1], {}).get("type") if isinstance(params, Mapping) else None
+        model = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}.get(
+            str(ptype), _ParamBase
+        )
+    elif len(parent) == 3 and parent[0] == "search_space" and parent[2] == "condition":
+        model = Condition
+    else:
+        for part in parent:
+            field = getattr(model, "model_fields", {}).get(part)
+            model = _model_of(field.annotation) if field is not None else None
+            if model is None:
+                return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_of(annotation: Any) -> Any:
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

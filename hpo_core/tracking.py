@@ -1,0 +1,84 @@
+"""MLflow tracking: the study's parent run and one child run per trial attempt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from hpo_core.deployment import Deployment
+
+__all__ = [
+    "client",
+    "ensure_experiment",
+    "find_or_create_parent_run",
+    "flat_params",
+]
+
+
+def client(deployment: Deployment) -> Any:
+    """An ``MlflowClient`` bound to the deployment (also sets the process-wide URIs)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(deployment.tracking_uri)
+    if deployment.registry_uri:
+        mlflow.set_registry_uri(deployment.registry_uri)
+    return mlflow.MlflowClient(
+        tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri
+    )
+
+
+def ensure_experiment(mlflow_client: Any, name: str, artifact_root: str | None) -> str:
+    """Return the id of experiment ``name``, creating it (race-safe) if needed."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
+        return str(found.experiment_id)
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+    try:
+        return str(mlflow_client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+def find_or_create_parent_run(
+    mlflow_client: Any,
+    *,
+    experiment_id: str,
+    study_name: str,
+    run_name: str,
+    tags: Mapping[str, str],
+) -> str:
+    """The study's parent run: found by its ``hpo.study`` tag, so a re-run reuses it."""
+    escaped = study_name.replace("'", "\\'")
+    existing = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`hpo.study` = '{escaped}' and tags.`hpo.role` = 'study'",
+        max_results=1,
+    )
+    if existing:
+        run = existing[0]
+        if run.info.status != "RUNNING":
+            mlflow_client.update_run(run.info.run_id, status="RUNNING")
+        return str(run.info.run_id)
+    run = mlflow_client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, "hpo.study": study_name, "hpo.role": "study"},
+    )
+    return str(run.info.run_id)
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow param strings (MLflow params are strings of bounded length)."""
+    out = {}
+    for key, value in params.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[str(key)] = text[:6000]
+    return out

@@ -1,0 +1,67 @@
+"""Deployment settings as Airflow sees them: environment first, then Airflow Connections."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hpo_core.deployment import ENV_STORAGE_URL, ENV_TRACKING_URI, Deployment
+
+__all__ = ["OPTUNA_CONN_ID", "MLFLOW_CONN_ID", "resolve_deployment"]
+
+log = logging.getLogger(__name__)
+
+#: Airflow Connection holding the Optuna storage database (e.g. a ``postgres`` connection).
+OPTUNA_CONN_ID = "hpo_optuna"
+#: Airflow Connection holding the MLflow tracking server (``http`` connection, host and port).
+MLFLOW_CONN_ID = "hpo_mlflow"
+
+
+def resolve_deployment() -> Deployment:
+    """Locations for this task: ``HPO_STORAGE_URL`` / ``MLFLOW_TRACKING_URI``, else the
+    ``hpo_optuna`` / ``hpo_mlflow`` Airflow Connections, else the embedded SQLite default.
+
+    Called at execute time only: parsing a DAG never looks a connection up.
+    """
+    env = dict(os.environ)
+    if not env.get(ENV_STORAGE_URL):
+        url = _connection_uri(OPTUNA_CONN_ID)
+        if url:
+            env[ENV_STORAGE_URL] = _sqlalchemy_url(url)
+    if not env.get(ENV_TRACKING_URI):
+        url = _connection_uri(MLFLOW_CONN_ID)
+        if url:
+            env[ENV_TRACKING_URI] = url.replace("mlflow://", "http://", 1)
+    deployment = Deployment.from_env(env)
+    _mask(deployment)
+    return deployment
+
+
+def _connection_uri(conn_id: str) -> str | None:
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    return str(conn.get_uri())
+
+
+def _sqlalchemy_url(url: str) -> str:
+    for old, new in (("postgres://", "postgresql+psycopg2://"), ("postgresql://", "postgresql+psycopg2://")):
+        if url.startswith(old):
+            return new + url[len(old) :]
+    return url
+
+
+def _mask(deployment: Deployment) -> None:
+    """Register the URLs with Airflow's secrets masker so they never show in task logs."""
+    from airflow.sdk.log import mask_secret
+
+    for value in (deployment.storage_url, deployment.tracking_uri):
+        if "@" in value:
+            mask_secret(value)
+    for key in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if os.environ.get(key):
+            mask_secret(os.environ[key])

@@ -1,0 +1,137 @@
+"""Translate a :class:`~hpo_core.spec.StudySpec` into an Airflow DAG: the one place that does.
+
+Shape (fixed at parse time, from the spec)::
+
+    start ─► round_1 ─► round_2 ─► … ─► round_R ─► finalize
+              └─ suggest ─► evaluate[0..B-1] (mapped) ─► observe
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, TaskGroup, task
+from airflow.sdk import TriggerRule as TR
+
+from hpo_core.spec import StudySpec
+
+from hpo_airflow import _tasks
+
+__all__ = ["build_study_dag", "study_params"]
+
+#: Scheduled studies start counting from here; catch-up is off, so no backfill storm.
+START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+
+def study_params(spec: StudySpec) -> dict[str, Param]:
+    """The trigger form: runtime overrides with JSON-schema bounds from the spec."""
+    limit = spec.budget.batch_size_limit
+    max_trials = spec.budget.max_rounds * limit
+    return {
+        "n_trials": Param(
+            spec.budget.n_trials,
+            type="integer",
+            minimum=1,
+            maximum=max_trials,
+            title="Trials",
+            description=f"Trials in this run (at most max_rounds x max_batch_size = {max_trials}).",
+        ),
+        "batch_size": Param(
+            spec.budget.batch_size,
+            type="integer",
+            minimum=1,
+            maximum=limit,
+            title="Batch size",
+            description=f"Trials evaluated in parallel per round (1..{limit}).",
+        ),
+        "seed": Param(
+            spec.sampler.seed,
+            type=["null", "integer"],
+            minimum=0,
+            title="Seed",
+            description="Sampler seed; empty for a random one.",
+        ),
+        "sampler_options": Param(
+            {},
+            type="object",
+            title="Sampler options",
+            description="Overrides of the spec's sampler options.",
+            properties={
+                "multivariate": {"type": "boolean"},
+                "constant_liar": {"type": "boolean"},
+                "n_startup_trials": {"type": "integer", "minimum": 0, "maximum": 10_000},
+                "population_size": {"type": "integer", "minimum": 2, "maximum": 10_000},
+            },
+            additionalProperties=False,
+        ),
+    }
+
+
+def _doc(spec: StudySpec, source: Path | None) -> str:
+    space = ", ".join(sorted(spec.search_space)) if spec.search_space else f"`{spec.space_function}`"
+    return (
+        f"### Study `{spec.name}`\n\n{spec.description}\n\n"
+        f"* objective: `{spec.objective}` ({', '.join(spec.all_directions)} "
+        f"{', '.join(spec.objective_metrics)})\n"
+        f"* search space: {space}\n* sampler: {spec.sampler.type}\n"
+        f"* budget: {spec.budget.n_trials} trials, batches of {spec.budget.batch_size}, "
+        f"{spec.budget.max_rounds} rounds\n"
+        f"* MLflow experiment `{spec.mlflow.experiment}`, model `{spec.mlflow.registered_model}`\n"
+        + (f"* defined in `{source}`\n" if source else "")
+    )
+
+
+def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
+    """Build the study's DAG. Pure: no database or network access."""
+    default_args: dict[str, Any] = {"owner": spec.owner, "retries": 0}
+    timeout = dt.timedelta(seconds=spec.budget.timeout) if spec.budget.timeout else None
+    with DAG(
+        dag_id=spec.dag_id,
+        description=(spec.description or f"HPO study {spec.name}")[:200],
+        schedule=spec.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=timeout,
+        tags=["hpo", *spec.tags],
+        params=study_params(spec),
+        default_args=default_args,
+        doc_md=_doc(spec, source),
+    ) as dag:
+        start = task(task_id="start")(_tasks.start)(spec)
+        previous: Any = start
+        for k in range(1, spec.budget.max_rounds + 1):
+            with TaskGroup(group_id=f"round_{k}", tooltip=f"round {k}: suggest, evaluate, observe") as group:
+                batch = task(task_id="suggest")(_tasks.suggest)(start, k)
+                evaluated = _evaluate_task(spec).partial(study=start).expand(trial=batch)
+                observed = task(task_id="observe", trigger_rule=TR.ALL_DONE)(_tasks.observe)(start, k)
+                evaluated >> observed
+            previous >> group
+            previous = group
+        finalize = task(task_id="finalize", trigger_rule=TR.ALL_DONE)(_tasks.finalize)(start)
+        previous >> finalize
+    return dag
+
+
+def _evaluate_task(spec: StudySpec) -> Any:
+    """The mapped trial task of the spec's worker backend."""
+    trial_timeout = spec.trial.execution_timeout
+    common: dict[str, Any] = {
+        "task_id": "evaluate",
+        "retries": spec.trial.retries,
+        "retry_delay": dt.timedelta(seconds=spec.trial.retry_delay),
+        "execution_timeout": dt.timedelta(seconds=trial_timeout + _tasks.TIMEOUT_GRACE),
+        "map_index_template": "{{ hpo_trial_label }}",
+    }
+    if spec.worker.pool:
+        common["pool"] = spec.worker.pool
+    if spec.worker.max_active_trials:
+        common["max_active_tis_per_dagrun"] = spec.worker.max_active_trials
+
+    def evaluate(trial: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+        return _tasks.evaluate_local(trial, study, trial_timeout)
+
+    evaluate.__doc__ = "Evaluate one trial with the local worker."
+    return task(**common)(evaluate)
