@@ -1,0 +1,145 @@
+"""Command line: ``hpo summary`` (what a study run produced), ``hpo validate`` (check study files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hpo_core.deployment import Deployment
+from hpo_core.errors import HpoError, StudySpecError
+
+__all__ = ["latest_study_name", "main", "study_summary"]
+
+
+def latest_study_name(deployment: Deployment, dag_id: str) -> str:
+    """Name of the most recently started study of ``dag_id``."""
+    import optuna
+
+    from hpo_core import engine
+    from hpo_core.storage import open_storage
+
+    storage = open_storage(deployment.storage_url)
+    runs = [
+        (float(s.user_attrs.get(engine.ATTR_STARTED, 0)), s.study_name)
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.user_attrs.get(engine.ATTR_DAG_ID) == dag_id
+    ]
+    if not runs:
+        raise HpoError(f"no study of DAG {dag_id!r} in the storage; run the DAG first")
+    return max(runs)[1]
+
+
+def study_summary(deployment: Deployment, study_name: str, *, check_model: bool = False) -> dict[str, Any]:
+    """Best value and params, trial counts, MLflow parent run and registered version of a study."""
+    from hpo_core import engine, registry, tracking
+
+    study, spec = engine.load_study(deployment.storage_url, study_name)
+    counts = engine.count_trials(study)
+    best = engine.pick_best(study, spec)
+    out: dict[str, Any] = {
+        "study": study_name,
+        "trials": {"counted": counts.counted, "complete": counts.complete, "pruned": counts.pruned,
+                   "failed": counts.failed, "running": counts.running},
+        "best_trial": None if best is None else best.number,
+        "best_value": None if best is None else best.values[0],
+        "best_params": None if best is None else best.params,
+        "mlflow_parent_run_id": study.user_attrs.get(engine.ATTR_PARENT_RUN),
+        "mlflow_tracking_uri": deployment.tracking_uri if "@" not in deployment.tracking_uri else "(hidden)",
+        "stop_reason": study.user_attrs.get(engine.ATTR_STOP),
+    }
+    name = spec.mlflow.registered_model
+    if name and best is not None:
+        client = tracking.client(deployment)
+        version = registry.find_version(client, name=name, study=study_name, trial_number=str(best.number))
+        if version is not None:
+            aliases = sorted(client.get_model_version(name, version.version).aliases)
+            out["registered_model"] = {"name": name, "version": str(version.version), "aliases": aliases}
+            if check_model:
+                out["registered_model"]["loads_and_predicts"] = _predict_check(spec, name)
+    return out
+
+
+def _predict_check(spec: Any, name: str) -> bool:
+    """Load ``models:/<name>@challenger`` and predict on a few rows of the example's data."""
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{'challenger'}")
+    input_example = None
+    try:
+        input_example = model.input_example
+    except Exception:  # not every flavour stores one
+        input_example = None
+    if input_example is None:
+        return True
+    prediction = model.predict(input_example)
+    return len(prediction) == len(input_example)
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    deployment = Deployment.from_env()
+    name = args.study or latest_study_name(deployment, args.dag_id)
+    summary = study_summary(deployment, name, check_model=args.check_model)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print(f"study            {summary['study']}")
+    t = summary["trials"]
+    print(f"trials           {t['counted']} ({t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed)")
+    print(f"best value       {summary['best_value']}  (trial {summary['best_trial']})")
+    print(f"best params      {json.dumps(summary['best_params'], sort_keys=True)}")
+    print(f"MLflow parent run {summary['mlflow_parent_run_id']}")
+    reg = summary.get("registered_model")
+    if reg:
+        print(f"registered model {reg['name']} version {reg['version']} aliases {', '.join(reg['aliases'])}")
+        if "loads_and_predicts" in reg:
+            print(f"models:/{reg['name']}@challenger loads and predicts: {reg['loads_and_predicts']}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from hpo_core.spec import load_spec
+
+    failed = 0
+    for path in args.files:
+        try:
+            spec = load_spec(Path(path))
+            print(f"ok      {path} -> DAG {spec.dag_id}")
+        except StudySpecError as e:
+            failed += 1
+            print(f"invalid {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hpo`` argument parser (subcommands are added by other modules too)."""
+    parser = argparse.ArgumentParser(prog="hpo", description="HPO pipeline command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("summary", help="what the latest (or a named) study run produced")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--dag-id", help="latest study of this DAG")
+    group.add_argument("--study", help="an Optuna study name")
+    p.add_argument("--check-model", action="store_true", help="load models:/<name>@challenger and predict")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_summary)
+    v = sub.add_parser("validate", help="validate study files")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hpo`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HpoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

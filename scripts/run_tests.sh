@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, and pytest (which starts the real services it needs).
+# Extra arguments go to pytest, e.g. scripts/run_tests.sh -k spec
+set -euo pipefail
+source "$(dirname "$0")/_bootstrap.sh"
+echo "== ruff"; ruff check .
+echo "== mypy"; mypy
+echo "== pytest"; exec python -m pytest "$@"
