@@ -2,4 +2,5 @@
 
 pytest_plugins: list[str] = [
     "tests.fixtures_services",
+    "tests.fixtures_k8s",
 ]
