@@ -51,6 +51,11 @@ _IMPORT_PATH_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 CategoricalValue = str | int | float | bool | None
 
 
+def _at(path: str, value: Any, message: str) -> ValueError:
+    """An error located at ``path`` below the validated object, for :func:`_format_errors`."""
+    return ValueError(f"@{path}@{_shorten(value)}@{message}")
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -112,7 +117,7 @@ class IntParam(_ParamBase):
     def _check(self) -> IntParam:
         _check_range(self.low, self.high, self.log, None if self.step == 1 else self.step)
         if self.log and self.step != 1:
-            raise ValueError("'log' requires step 1 for int parameters")
+            raise _at("step", self.step, "must be 1 when 'log' is true")
         return self
 
 
@@ -137,16 +142,16 @@ ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discrimina
 
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("low and high must be finite numbers")
+        raise _at("low", low, "low and high must be finite numbers")
     if low > high:
-        raise ValueError(f"low ({low}) must not be above high ({high})")
+        raise _at("low", low, f"must not be above high ({high}); swap them")
     if log and low <= 0:
-        raise ValueError(f"'log' needs low > 0, got low={low}")
+        raise _at("low", low, "must be > 0 when 'log' is true; raise low or set log: false")
     if step is not None:
         if step <= 0:
-            raise ValueError(f"step must be positive, got {step}")
+            raise _at("step", step, "must be positive")
         if log:
-            raise ValueError("'step' and 'log' cannot be combined")
+            raise _at("step", step, "cannot be combined with 'log: true'; remove one of them")
 
 
 _SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
@@ -191,14 +196,13 @@ class BudgetSpec(_Frozen):
     @model_validator(mode="after")
     def _fits(self) -> BudgetSpec:
         if self.batch_size > self.batch_size_limit:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must not exceed max_batch_size ({self.max_batch_size})"
-            )
+            raise _at("batch_size", self.batch_size, f"must not exceed max_batch_size ({self.max_batch_size})")
         if self.n_trials > self.max_rounds * self.batch_size:
-            raise ValueError(
-                f"n_trials ({self.n_trials}) does not fit in max_rounds ({self.max_rounds}) x "
-                f"batch_size ({self.batch_size}) = {self.max_rounds * self.batch_size}; "
-                "raise max_rounds or batch_size, or lower n_trials"
+            raise _at(
+                "n_trials",
+                self.n_trials,
+                f"does not fit in max_rounds ({self.max_rounds}) x batch_size ({self.batch_size}) = "
+                f"{self.max_rounds * self.batch_size}; raise max_rounds or batch_size, or lower n_trials",
             )
         return self
 
@@ -303,40 +307,51 @@ class StudySpec(_Frozen):
     @model_validator(mode="after")
     def _cross_checks(self) -> StudySpec:
         if (self.search_space is None) == (self.space_function is None):
-            raise ValueError("give exactly one of 'search_space' or 'space_function'")
+            if self.search_space is not None:
+                raise _at("space_function", self.space_function, "cannot be combined with 'search_space'; keep one")
+            raise _at("search_space", None, "is missing; declare the parameters (or name a 'space_function')")
         if (self.direction is None) == (self.directions is None):
-            raise ValueError("give exactly one of 'direction' or 'directions'")
+            if self.direction is not None:
+                raise _at("directions", self.directions, "cannot be combined with 'direction'; keep one")
+            raise _at("direction", None, "is missing; use 'minimize' or 'maximize' (or 'directions')")
         if self.directions is not None:
             if len(self.directions) < 2:
-                raise ValueError("'directions' needs at least two entries; use 'direction' for one")
+                raise _at("directions", self.directions, "needs at least two entries; use 'direction' for one")
             if self.metrics is None or len(self.metrics) != len(self.directions):
-                raise ValueError("'metrics' must name one metric per entry of 'directions'")
+                raise _at("metrics", self.metrics, "must name one metric per entry of 'directions'")
             if self.sampler.type not in _MULTI_OBJECTIVE_SAMPLERS:
-                raise ValueError(
-                    f"sampler {self.sampler.type!r} cannot optimise several objectives; "
-                    f"use one of {list(_MULTI_OBJECTIVE_SAMPLERS)}"
+                raise _at(
+                    "sampler.type",
+                    self.sampler.type,
+                    f"cannot optimise several objectives; use one of {list(_MULTI_OBJECTIVE_SAMPLERS)}",
                 )
             if self.pareto_choice is None or self.pareto_choice.metric not in self.metrics:
-                raise ValueError("several objectives need 'pareto_choice.metric' naming one of 'metrics'")
+                raise _at(
+                    "pareto_choice.metric",
+                    self.pareto_choice.metric if self.pareto_choice else None,
+                    f"several objectives need it to name one of the metrics {self.metrics}",
+                )
             if self.pruner.type != "none":
-                raise ValueError("pruning is not supported with several objectives; set pruner.type: none")
+                raise _at("pruner.type", self.pruner.type, "pruning needs one objective; set pruner.type: none")
         else:
             if self.metrics is not None:
-                raise ValueError("'metrics' goes with 'directions'; use 'metric' for one objective")
+                raise _at("metrics", self.metrics, "goes with 'directions'; use 'metric' for one objective")
             if self.sampler.type == "nsga2":
-                raise ValueError("sampler 'nsga2' is for several objectives ('directions')")
+                raise _at("sampler.type", "nsga2", "is for several objectives ('directions'); use tpe")
         if self.search_space is not None:
             _check_conditions(self.search_space)
             if self.sampler.type == "grid":
                 for pname, p in self.search_space.items():
                     if isinstance(p, FloatParam) and p.step is None:
-                        raise ValueError(
-                            f"grid sampler needs a finite grid: float parameter {pname!r} has no 'step'"
+                        raise _at(
+                            f"search_space.{pname}.step",
+                            None,
+                            "the grid sampler needs a finite grid: give float parameters a 'step'",
                         )
         elif self.sampler.type == "grid":
-            raise ValueError("grid sampler needs a declared 'search_space', not a 'space_function'")
+            raise _at("sampler.type", "grid", "needs a declared 'search_space', not a 'space_function'")
         if self.schedule is not None and not self.schedule.strip():
-            raise ValueError("schedule must be a cron expression, a preset like '@daily', or null")
+            raise _at("schedule", self.schedule, "must be a cron expression, a preset like '@daily', or null")
         return self
 
     # --- derived views -------------------------------------------------------------------
@@ -390,7 +405,7 @@ def _topological(space: Mapping[str, Any]) -> list[tuple[str, Any]]:
                 del pending[name]
                 progressed = True
         if not progressed:
-            raise ValueError(f"conditions form a cycle among {sorted(pending)}")
+            raise _at("search_space", sorted(pending), "conditions form a cycle among these parameters")
     return ordered
 
 
@@ -400,19 +415,21 @@ def _check_conditions(space: Mapping[str, Any]) -> None:
         if cond is None:
             continue
         if cond.param == name:
-            raise ValueError(f"parameter {name!r} cannot be conditional on itself")
+            raise _at(f"search_space.{name}.condition.param", name, "a parameter cannot depend on itself")
         parent = space.get(cond.param)
         if parent is None:
-            raise ValueError(
-                f"parameter {name!r}: condition names {cond.param!r}, which is not declared "
-                f"(declared: {sorted(space)})"
+            raise _at(
+                f"search_space.{name}.condition.param",
+                cond.param,
+                f"is not a declared parameter; declared: {', '.join(sorted(space))}",
             )
         if isinstance(parent, CategoricalParam):
             unknown = [v for v in cond.values if v not in parent.choices]
             if unknown:
-                raise ValueError(
-                    f"parameter {name!r}: condition values {unknown!r} are not choices of "
-                    f"{cond.param!r} {parent.choices!r}"
+                raise _at(
+                    f"search_space.{name}.condition",
+                    unknown[0] if len(unknown) == 1 else unknown,
+                    f"is not a choice of {cond.param!r}; choices: {parent.choices!r}",
                 )
     _topological(space)
 
@@ -446,6 +463,8 @@ def parse_spec(text: str, *, source: str = "<string>") -> StudySpec:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise StudySpecError(f"{source}: not valid YAML{where}: {problem}") from e
+    if raw is None:
+        raise StudySpecError(f"{source}: the file is empty; a study needs name, objective, budget, ...")
     if not isinstance(raw, dict):
         raise StudySpecError(
             f"{source}: a study file must be a mapping of fields (name, objective, ...), "
@@ -495,11 +514,29 @@ def _format_errors(source: str, raw: Mapping[str, Any], error: ValidationError) 
             msg = f"{path}: {_shorten(err.get('input'))} is not allowed; allowed: {expected}"
         else:
             detail = err["msg"].removeprefix("Value error, ")
-            msg = f"{path}: {detail} (got {_shorten(err.get('input'))})"
+            if detail.startswith("@"):
+                rel, shown, text = detail[1:].split("@", 2)
+                path = ".".join(p for p in (".".join(map(str, loc)), rel) if p)
+                if rel.split(".")[0] in ("search_space", "sampler", "pareto_choice", "pruner") and loc:
+                    path = rel  # already a full path from the top level
+                msg = f"{path}: {shown} {text}" if shown != "None" else f"{path}: {text}"
+            elif kind == "string_pattern_mismatch":
+                hint = _PATTERN_HINTS.get(str(loc[-1]) if loc else "", "has the wrong form")
+                msg = f"{path}: {_shorten(err.get('input'))} {hint}"
+            else:
+                detail = detail.replace("Input should be", "must be")
+                msg = f"{path}: {_shorten(err.get('input'))} is not allowed; {detail}"
         if msg not in seen:
             seen.add(msg)
             lines.append(f"{source}: {msg}")
     return "\n".join(lines)
+
+
+_PATTERN_HINTS = {
+    "name": "must start with a letter and use only letters, digits and underscores (at most 64)",
+    "objective": "is not an import path; write it as 'package.module:function'",
+    "space_function": "is not an import path; write it as 'package.module:function'",
+}
 
 
 def _clean_loc(loc: Sequence[Any]) -> tuple[Any, ...]:

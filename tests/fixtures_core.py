@@ -1,0 +1,145 @@
+"""Fixtures for the embedded default: local SQLite storage and MLflow, a migrated Airflow DB."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hpo_core.deployment import Deployment
+from hpo_core.spec import StudySpec, validate_mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUADRATIC_STUDY: dict[str, Any] = {
+    "name": "quadratic",
+    "description": "toy study for tests",
+    "objective": "hpo_core.examples.quadratic:objective",
+    "direction": "minimize",
+    "metric": "loss",
+    "search_space": {
+        "x": {"type": "float", "low": -5.0, "high": 5.0},
+        "y": {"type": "float", "low": -5.0, "high": 5.0},
+        "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+        "momentum": {
+            "type": "float",
+            "low": 0.0,
+            "high": 0.99,
+            "condition": {"param": "optimizer", "equals": "sgd"},
+        },
+    },
+    "sampler": {"type": "tpe", "seed": 7, "n_startup_trials": 2},
+    "budget": {"n_trials": 6, "batch_size": 3, "max_rounds": 3, "max_batch_size": 4},
+    "stopping": {"max_failed_fraction": 0.5},
+    "trial": {"retries": 1, "retry_delay": 0, "execution_timeout": 120},
+    "mlflow": {"experiment": "quadratic", "registered_model": "quadratic"},
+}
+
+
+def study_mapping(**changes: Any) -> dict[str, Any]:
+    """The toy study as a mapping, with top-level keys replaced (``None`` removes a key)."""
+    data = copy.deepcopy(QUADRATIC_STUDY)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def make_spec(**changes: Any) -> StudySpec:
+    """The toy study as a validated spec."""
+    return validate_mapping(study_mapping(**changes), source="<test>")
+
+
+def write_study(folder: Path, data: dict[str, Any] | str, filename: str | None = None) -> Path:
+    """Write a study file (a mapping dumped as YAML, or raw text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False)
+    name = filename or (f"{data['name']}.yaml" if isinstance(data, dict) else "study.yaml")
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
+    """The embedded default (SQLite Optuna and MLflow, local artifacts) in a fresh folder."""
+    home = tmp_path / "hpo"
+    monkeypatch.setenv("HPO_HOME", str(home))
+    for var in ("HPO_STORAGE_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "HPO_ARTIFACT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    deployment = Deployment.from_env()
+    deployment.ensure_local_dirs()
+    return deployment
+
+
+@pytest.fixture
+def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
+    """Start a toy study (optionally with spec changes) and return its Optuna study name."""
+    from hpo_core import engine
+
+    def start(run_id: str = "manual__test", overrides: dict[str, Any] | None = None, **changes: Any) -> str:
+        spec = make_spec(**changes)
+        out = engine.start_study(
+            spec, deployment=local_deployment, dag_id=spec.dag_id, run_id=run_id, overrides=overrides
+        )
+        return str(out["study_name"])
+
+    return start
+
+
+def worker_env(deployment: Deployment, **extra: str) -> dict[str, str]:
+    """Environment of a worker subprocess: the deployment plus the repo on PYTHONPATH."""
+    env = {**os.environ, **deployment.worker_env(), **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_worker(
+    deployment: Deployment,
+    study_name: str,
+    trial_number: int,
+    *,
+    attempt: int = 1,
+    timeout: float | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any] | None, str]:
+    """Run ``python -m hpo_core.worker`` for one trial; return (exit code, HPO_RESULT, output)."""
+    cmd = [sys.executable, "-m", "hpo_core.worker", "--study-name", study_name,
+           "--trial-number", str(trial_number), "--attempt", str(attempt)]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    proc = subprocess.run(
+        cmd, env=worker_env(deployment, **(extra_env or {})), capture_output=True, text=True, timeout=300
+    )
+    output = proc.stdout + proc.stderr
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("HPO_RESULT "):
+            result = json.loads(line.removeprefix("HPO_RESULT "))
+    return proc.returncode, result, output
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Iterator[Path]:
+    """The session's Airflow home (set in the root conftest) with a migrated SQLite database."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"'airflow db migrate' failed in {home}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    yield home

@@ -1,0 +1,63 @@
+"""Objectives that misbehave on purpose, for worker and chaos tests (imported by the worker)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hpo_core.examples.quadratic import quadratic_value
+from hpo_core.objective import TrialContext
+
+
+def good(params: dict[str, Any], ctx: TrialContext) -> float:
+    """A well-behaved quadratic that logs no model."""
+    return quadratic_value(params)
+
+
+def raises(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Always raises."""
+    raise RuntimeError(f"boom at x={params['x']}")
+
+
+def returns_nan(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Returns NaN."""
+    return float("nan")
+
+
+def returns_string(params: dict[str, Any], ctx: TrialContext) -> Any:
+    """Returns a string instead of a number."""
+    return "0.93"
+
+
+def hangs(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Never returns on its own."""
+    time.sleep(3600)
+    return 0.0
+
+
+def fails_first_attempt(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Fails the first time each trial runs (marker files under $HPO_TEST_MARKERS)."""
+    marker = Path(os.environ["HPO_TEST_MARKERS"]) / f"{ctx.params['x']!r}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("failed once")
+        raise RuntimeError("transient failure on the first attempt")
+    return quadratic_value(params)
+
+
+def optuna_style(trial: optuna.Trial) -> float:
+    """An unchanged Optuna objective."""
+    x = trial.suggest_float("x", -5, 5)
+    trial.report(x, 0)
+    return (x - 2.0) ** 2
+
+
+def optuna_undeclared(trial: optuna.Trial) -> float:
+    """An Optuna objective that asks for a parameter the study does not declare."""
+    x = trial.suggest_float("x", -5, 5)
+    depth = trial.suggest_int("depth", 1, 10)
+    return x + depth
