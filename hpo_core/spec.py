@@ -35,11 +35,13 @@ __all__ = [
     "IntParam",
     "MlflowSpec",
     "ParamSpec",
+    "PromotionSpec",
     "PrunerSpec",
     "SamplerSpec",
     "StoppingSpec",
     "StudySpec",
     "TrialSpec",
+    "WarmStartSpec",
     "WorkerSpec",
     "load_spec",
     "parse_spec",
@@ -269,6 +271,30 @@ class ParetoChoice(_Frozen):
     weights: dict[str, float] | None = None
 
 
+class WarmStartSpec(_Frozen):
+    """How a new run's study starts from what earlier runs learned.
+
+    ``new_study``: every DAG run is its own study, seeded with the champion's params and the
+    previous study's ``top_k`` configurations. ``continue``: all runs add trials to one study.
+    """
+
+    mode: Literal["new_study", "continue"] = "new_study"
+    top_k: int = Field(default=0, ge=0, le=100, description="best configurations of the previous study")
+    from_champion: bool = Field(default=False, description="enqueue the current champion's params first")
+
+
+class PromotionSpec(_Frozen):
+    """When ``finalize`` moves the registered model's ``champion`` alias to the new challenger.
+
+    ``never``: a person decides. ``always``: every challenger. ``if_better``: when it beats the
+    champion by at least ``min_improvement`` in ``direction`` (default: the study's).
+    """
+
+    rule: Literal["never", "always", "if_better"] = "never"
+    min_improvement: float = Field(default=0.0, ge=0.0)
+    direction: Literal["minimize", "maximize"] | None = None
+
+
 class StudySpec(_Frozen):
     """A validated study definition."""
 
@@ -291,6 +317,8 @@ class StudySpec(_Frozen):
     mlflow: MlflowSpec
     pareto_choice: ParetoChoice | None = None
     schedule: str | None = None
+    warm_start: WarmStartSpec = WarmStartSpec()
+    promotion: PromotionSpec = PromotionSpec()
     worker: WorkerSpec = WorkerSpec()
 
     @field_validator("search_space")
@@ -352,6 +380,19 @@ class StudySpec(_Frozen):
             raise _at("sampler.type", "grid", "needs a declared 'search_space', not a 'space_function'")
         if self.schedule is not None and not self.schedule.strip():
             raise _at("schedule", self.schedule, "must be a cron expression, a preset like '@daily', or null")
+        if self.mlflow.registered_model is None:
+            if self.promotion.rule != "never":
+                raise _at(
+                    "promotion.rule",
+                    self.promotion.rule,
+                    "needs a model to promote: set mlflow.registered_model, or use rule 'never'",
+                )
+            if self.warm_start.from_champion:
+                raise _at(
+                    "warm_start.from_champion",
+                    True,
+                    "needs mlflow.registered_model to find the champion; set it, or use false",
+                )
         return self
 
     # --- derived views -------------------------------------------------------------------
@@ -376,6 +417,20 @@ class StudySpec(_Frozen):
         if self.metrics is not None:
             return list(self.metrics)
         return [self.metric or "value"]
+
+    @property
+    def score_metric(self) -> str:
+        """The metric that ranks trials and models (``pareto_choice.metric`` with several objectives)."""
+        if self.pareto_choice is not None:
+            return self.pareto_choice.metric
+        return self.objective_metrics[0]
+
+    @property
+    def promotion_direction(self) -> str:
+        """Direction in which a challenger must beat the champion (default: the study's)."""
+        if self.promotion.direction is not None:
+            return self.promotion.direction
+        return self.all_directions[self.objective_metrics.index(self.score_metric)]
 
     @property
     def execution_timeout(self) -> timedelta:
