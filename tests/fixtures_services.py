@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -199,6 +201,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and call.when == "call" and isinstance(deployment, AirflowDeployment):
         report.sections.append(("airflow component logs", deployment.logs_tail(lines=30)))
     return report
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Turn SIGTERM (e.g. a CI time limit) into a normal exit so started services get killed."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

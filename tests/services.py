@@ -7,6 +7,7 @@ of the service's log. Subprocesses run in their own process group and are killed
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 from urllib.parse import quote, urlsplit
 
 import psutil
@@ -145,7 +146,13 @@ def wait_until(
 
 
 class ManagedProcess:
-    """A subprocess in its own process group with its output appended to a log file."""
+    """A subprocess in its own process group with its output appended to a log file.
+
+    Processes still running when the interpreter exits are killed (``atexit``), so an aborted test
+    session leaves nothing behind.
+    """
+
+    _running: ClassVar[set[ManagedProcess]] = set()
 
     def __init__(
         self,
@@ -181,6 +188,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        ManagedProcess._running.add(self)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -227,6 +235,14 @@ class ManagedProcess:
         for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+        ManagedProcess._running.discard(self)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        """Kill every process started here that is still running."""
+        for process in list(cls._running):
+            process.kill(signal.SIGKILL)
+            cls._running.discard(process)
 
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_path, lines)
@@ -323,8 +339,10 @@ class PostgresServer(_Service):
 
     def _start_private(self) -> None:
         if not (PG_BIN_DIR / "initdb").exists():
-            raise ServiceStartError(f"no PostgreSQL server answers at {self.host}:{self.port} "
-                                    f"and {PG_BIN_DIR}/initdb does not exist")
+            raise ServiceStartError(
+                f"no PostgreSQL server answers at {self.host}:{self.port} "
+                f"and {PG_BIN_DIR}/initdb does not exist"
+            )
         self.private = True
         self.port = free_port()
         if self._workdir is None:
@@ -336,18 +354,29 @@ class PostgresServer(_Service):
             try:
                 owner = pwd.getpwnam("postgres")
             except KeyError as e:
-                raise ServiceStartError("running as root and there is no 'postgres' OS user to own "
-                                        "a private PostgreSQL data directory") from e
+                raise ServiceStartError(
+                    "running as root and there is no 'postgres' OS user to own "
+                    "a private PostgreSQL data directory"
+                ) from e
             self._os_user = owner.pw_name
             os.chown(self._workdir, owner.pw_uid, owner.pw_gid)
             self._workdir.chmod(0o700)
         result = self._run_as_owner(
-            [str(PG_BIN_DIR / "initdb"), "-D", str(self.data_dir), "-U", self.user, "--auth=trust",
-             "--encoding=UTF8", "--no-sync"]
+            [
+                str(PG_BIN_DIR / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ]
         )
         if result.returncode != 0:
             raise ServiceStartError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         self._pg_ctl("start")
+        atexit.register(self.stop)
 
     def _pg_ctl(self, action: str, *, mode: str = "fast") -> None:
         assert self.data_dir is not None and self.log_path is not None
@@ -574,8 +603,9 @@ class MLflowServer(_Service):
             "--port", str(self.port),
             "--workers", "1",
         ]  # fmt: skip
-        self.process = ManagedProcess("mlflow", argv, env=env, log_path=self.workdir / "mlflow.log",
-                                      cwd=self.workdir)
+        self.process = ManagedProcess(
+            "mlflow", argv, env=env, log_path=self.workdir / "mlflow.log", cwd=self.workdir
+        )
         self.process.start()
         wait_until(
             lambda: requests.get(f"{self.tracking_uri}/health", timeout=2).status_code == 200,
@@ -608,8 +638,22 @@ class ParsedDag:
 
 
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
-_LOG_CONTEXT_KEYS = frozenset({"event", "timestamp", "level", "logger", "filename", "lineno", "ti_id",
-                               "dag_id", "run_id", "task_id", "map_index", "try_number"})
+_LOG_CONTEXT_KEYS = frozenset(
+    {
+        "event",
+        "timestamp",
+        "level",
+        "logger",
+        "filename",
+        "lineno",
+        "ti_id",
+        "dag_id",
+        "run_id",
+        "task_id",
+        "map_index",
+        "try_number",
+    }
+)
 
 
 class AirflowClient:
@@ -668,8 +712,11 @@ class AirflowClient:
         """Create pool ``name`` with ``slots`` slots, or update its slots if it exists."""
         response = self.request("GET", f"/api/v2/pools/{name}")
         if response.status_code == 404:
-            return dict(self._json("POST", "/api/v2/pools",
-                                   json={"name": name, "slots": slots, "description": description}))
+            return dict(
+                self._json(
+                    "POST", "/api/v2/pools", json={"name": name, "slots": slots, "description": description}
+                )
+            )
         return dict(self._json("PATCH", f"/api/v2/pools/{name}", json={"slots": slots}))
 
     # -- DAGs --------------------------------------------------------------------------------------
@@ -764,9 +811,7 @@ class AirflowClient:
     def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))
 
-    def wait_for_run(
-        self, dag_id: str, run_id: str, timeout: float = 300.0, *, poll: float = 2.0
-    ) -> str:
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300.0, *, poll: float = 2.0) -> str:
         """Wait until the run is ``success`` or ``failed`` and return that state.
 
         Raises:
@@ -825,8 +870,9 @@ class AirflowClient:
                 if ti.get("state") in wanted:
                     return ti
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{dag_id}/{run_id}/{task_id}[{map_index}] not in {sorted(wanted)} "
-                                   f"after {timeout:.0f}s")
+                raise TimeoutError(
+                    f"{dag_id}/{run_id}/{task_id}[{map_index}] not in {sorted(wanted)} after {timeout:.0f}s"
+                )
             time.sleep(0.5)
 
     def task_log(
@@ -1001,22 +1047,30 @@ class AirflowDeployment(_Service):
         password_file = self.home / "simple_auth_manager_passwords.json"
         password_file.write_text(json.dumps({self.username: self.password}))
         migrate = subprocess.run(
-            [_bin("airflow"), "db", "migrate"], env=self._env, capture_output=True, text=True,
-            timeout=300, check=False,
+            [_bin("airflow"), "db", "migrate"],
+            env=self._env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         (self.logs_dir).mkdir(parents=True, exist_ok=True)
         (self.logs_dir / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
         if migrate.returncode != 0:
-            raise ServiceStartError(f"airflow db migrate failed ({migrate.returncode}):\n"
-                                    + "\n".join((migrate.stdout + migrate.stderr).splitlines()[-60:]))
+            raise ServiceStartError(
+                f"airflow db migrate failed ({migrate.returncode}):\n"
+                + "\n".join((migrate.stdout + migrate.stderr).splitlines()[-60:])
+            )
         self.startup_seconds["db-migrate"] = time.monotonic() - started
         for name in self.components:
             self.start_component(name, wait=False)
         api = self.processes["api-server"]
         wait_until(
             lambda: self.client.health()["metadatabase"]["status"] == "healthy",
-            timeout=180, what=f"Airflow api-server on port {self.port}",
-            alive=api.alive, log=api.log_tail,
+            timeout=180,
+            what=f"Airflow api-server on port {self.port}",
+            alive=api.alive,
+            log=api.log_tail,
         )
         self.startup_seconds["api-server"] = time.monotonic() - started
         for name in self.components:
@@ -1035,14 +1089,21 @@ class AirflowDeployment(_Service):
         key = self._HEALTH_KEYS[name]
         wait_until(
             lambda: self.client.health()[key]["status"] == "healthy",
-            timeout=timeout, what=f"Airflow {name}", alive=process.alive,
+            timeout=timeout,
+            what=f"Airflow {name}",
+            alive=process.alive,
             log=lambda: self.logs_tail([name]),
         )
 
     def start_component(self, name: str, *, wait: bool = True) -> ManagedProcess:
         """Start (or start again) one component; with ``wait``, until the API reports it healthy."""
-        process = ManagedProcess(name, self._component_argv(name), env=self._env,
-                                 log_path=self.logs_dir / f"{name}.log", cwd=self.home)
+        process = ManagedProcess(
+            name,
+            self._component_argv(name),
+            env=self._env,
+            log_path=self.logs_dir / f"{name}.log",
+            cwd=self.home,
+        )
         process.start()
         self.processes[name] = process
         if wait and name != "api-server":
@@ -1065,16 +1126,25 @@ class AirflowDeployment(_Service):
         self.start_component("scheduler", wait=wait)
 
     def stop(self) -> None:
-        for name in ("scheduler", "triggerer", "dag-processor", "api-server"):
-            process = self.processes.get(name)
-            if process is not None:
-                process.stop(timeout=10)
+        """SIGTERM all components at once, then wait for (or SIGKILL) each."""
+        order = ("scheduler", "triggerer", "dag-processor", "api-server")
+        running = [self.processes[name] for name in order if name in self.processes]
+        for process in running:
+            if process.alive():
+                process.kill(signal.SIGTERM)
+        for process in running:
+            process.stop(timeout=10)
 
     def logs_tail(self, names: Iterable[str] | None = None, lines: int = 40) -> str:
         """The tails of the component logs, for failure messages."""
         parts = []
         for name in names or self.processes:
             if name in self.processes:
-                parts.append(f"--- {name} ({self.processes[name].log_path}) ---\n"
-                             f"{self.processes[name].log_tail(lines)}")
+                parts.append(
+                    f"--- {name} ({self.processes[name].log_path}) ---\n"
+                    f"{self.processes[name].log_tail(lines)}"
+                )
         return "\n".join(parts)
+
+
+atexit.register(ManagedProcess.kill_all)

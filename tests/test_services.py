@@ -57,7 +57,7 @@ def test_terminate_backends_cuts_open_connections(
     conn.close()
 
 
-def test_private_postgres_server_starts_restarts_and_cleans_up(tmp_path: Path) -> None:
+def test_private_postgres_server_starts_restarts_and_cleans_up() -> None:
     server = PostgresServer(prefer_existing=False)
     with server:
         assert server.private
@@ -137,7 +137,7 @@ def test_mlflow_logs_registers_and_serves_a_model_from_s3(
 # ----------------------------------------------------------------------------------------------------
 # Airflow
 
-MAPPED_DAG = '''
+MAPPED_DAG = """
 from airflow.sdk import dag, task, get_current_context
 
 
@@ -160,9 +160,9 @@ def svc_mapped():
 
 
 svc_mapped()
-'''
+"""
 
-PARAM_DAG = '''
+PARAM_DAG = """
 from airflow.sdk import Param, dag, task
 
 
@@ -177,9 +177,9 @@ def svc_params():
 
 
 svc_params()
-'''
+"""
 
-SLOW_DAG = '''
+SLOW_DAG = """
 import time
 from datetime import timedelta
 
@@ -202,13 +202,13 @@ def svc_slow():
 
 
 svc_slow()
-'''
+"""
 
-BROKEN_DAG = '''
+BROKEN_DAG = """
 from airflow.sdk import dag
 
 raise RuntimeError("svc_broken cannot be imported")
-'''
+"""
 
 
 def _write_dag(folder: Path, name: str, source: str) -> Path:
@@ -233,7 +233,9 @@ def test_airflow_runs_a_mapped_dag_and_reruns_one_cleared_instance(
     instances = client.task_instances("svc_mapped", run_id)
     squares = sorted((ti for ti in instances if ti["task_id"] == "square"), key=lambda ti: ti["map_index"])
     assert [(ti["map_index"], ti["state"], ti["try_number"]) for ti in squares] == [
-        (0, "success", 1), (1, "success", 1), (2, "success", 1),
+        (0, "success", 1),
+        (1, "success", 1),
+        (2, "success", 1),
     ]
     assert [ti["rendered_map_index"] for ti in squares] == ["item 0", "item 1", "item 2"]
     assert client.dag_run("svc_mapped", run_id)["conf"] == {"n": 3}
@@ -243,8 +245,11 @@ def test_airflow_runs_a_mapped_dag_and_reruns_one_cleared_instance(
 
     assert [(ti["task_id"], ti["map_index"]) for ti in cleared] == [("square", 1)]
     assert client.wait_for_run("svc_mapped", run_id, timeout=180) == "success"
-    tries = {ti["map_index"]: ti["try_number"] for ti in client.task_instances("svc_mapped", run_id)
-             if ti["task_id"] == "square"}
+    tries = {
+        ti["map_index"]: ti["try_number"]
+        for ti in client.task_instances("svc_mapped", run_id)
+        if ti["task_id"] == "square"
+    }
     assert tries == {0: 1, 1: 2, 2: 1}
     assert "squaring 1" in client.task_log("svc_mapped", run_id, "square", map_index=1, try_number=2)
 
