@@ -70,10 +70,24 @@ def write_study(folder: Path, data: dict[str, Any] | str, filename: str | None =
     return path
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow SQLite database; copying it saves the migrations per test."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
+def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_template: Path) -> Deployment:
     """The embedded default (SQLite Optuna and MLflow, local artifacts) in a fresh folder."""
+    import shutil
+
     home = tmp_path / "hpo"
+    home.mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, home / "mlflow.db")
     monkeypatch.setenv("HPO_HOME", str(home))
     for var in ("HPO_STORAGE_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "HPO_ARTIFACT_ROOT"):
         monkeypatch.delenv(var, raising=False)

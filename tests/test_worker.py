@@ -1,0 +1,181 @@
+"""The trial worker command on a real storage and MLflow: outcomes, failures, retry semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo_core import engine
+from hpo_core.deployment import Deployment
+from tests.fixtures_core import run_worker
+
+X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
+
+
+def _one_trial(deployment: Deployment, start: Callable[..., str], **changes: Any) -> tuple[str, int]:
+    name = start(**changes)
+    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=1)
+    return name, batch[0]["trial_number"]
+
+
+def _trial(deployment: Deployment, name: str, number: int) -> optuna.trial.FrozenTrial:
+    study = optuna.load_study(study_name=name, storage=deployment.storage_url)
+    return next(t for t in study.get_trials() if t.number == number)
+
+
+def _child_runs(deployment: Deployment, name: str) -> list[Any]:
+    client = mlflow.MlflowClient(tracking_uri=deployment.tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, filter_string=f"tags.`hpo.study` = '{name}' and tags.`hpo.role` = 'trial'")
+
+
+def test_worker_completes_a_trial_and_logs_a_child_run(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    name, n = _one_trial(local_deployment, start_toy_study)
+    code, result, output = run_worker(local_deployment, name, n)
+    assert code == 0, output
+    assert result is not None and result["state"] == "COMPLETE"
+    trial = _trial(local_deployment, name, n)
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(result["values"][0])
+    assert trial.user_attrs[engine.T_MODEL_URI].startswith("models:/")
+    assert sorted(trial.intermediate_values) == [0, 1, 2]
+    (run,) = _child_runs(local_deployment, name)
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    assert run.data.tags["mlflow.parentRunId"] == study.user_attrs[engine.ATTR_PARENT_RUN]
+    assert run.data.tags["hpo.trial_number"] == str(n)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["loss"] == pytest.approx(trial.value)
+    assert set(run.data.params) == set(trial.params)
+
+
+def test_worker_refuses_to_rerun_a_finished_trial(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    name, n = _one_trial(local_deployment, start_toy_study)
+    assert run_worker(local_deployment, name, n)[0] == 0
+    before = _trial(local_deployment, name, n)
+    code, result, output = run_worker(local_deployment, name, n, attempt=2)
+    assert code == 0, output
+    assert result is not None and result["already_finished"] is True
+    assert "already COMPLETE: not evaluating it again" in output
+    after = _trial(local_deployment, name, n)
+    assert after.value == before.value and after.datetime_complete == before.datetime_complete
+    assert len(_child_runs(local_deployment, name)) == 1  # no second evaluation was logged
+
+
+@pytest.mark.parametrize(
+    ("objective", "reason"),
+    [
+        ("tests.objectives:raises", "RuntimeError: boom at x="),
+        ("tests.objectives:returns_nan", "ObjectiveError: objective value 'loss' is NaN"),
+        (
+            "tests.objectives:returns_string",
+            "ObjectiveError: objective returned str '0.93'; expected a number or a dict with key(s) ['loss']",
+        ),
+        (
+            "tests.objectives:optuna_undeclared",
+            "SearchSpaceError: objective asked for parameter 'depth', which the study's search_space does "
+            "not declare (declared: ['x']); add it to the study file",
+        ),
+    ],
+    ids=["raises", "nan", "string", "undeclared_param"],
+)
+def test_bad_objective_fails_the_trial_with_its_reason(
+    local_deployment: Deployment, start_toy_study: Callable[..., str], objective: str, reason: str
+) -> None:
+    name, n = _one_trial(local_deployment, start_toy_study, objective=objective, search_space=X_ONLY)
+    code, result, output = run_worker(local_deployment, name, n)
+    assert code == 1, output
+    assert result is not None and result["state"] == "FAIL"
+    trial = _trial(local_deployment, name, n)
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith(reason)
+    (run,) = _child_runs(local_deployment, name)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["hpo.error"].startswith(reason)
+    # The round goes on: the other trials of the batch are untouched and still evaluable.
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    others = [t for t in study.trials if t.number != n and engine.T_ROUND in t.user_attrs]
+    assert others and all(t.state == TrialState.RUNNING for t in others)
+
+
+def test_optuna_style_objective_gets_the_suggested_params(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    name, n = _one_trial(
+        local_deployment, start_toy_study, objective="tests.objectives:optuna_style", search_space=X_ONLY
+    )
+    code, _, output = run_worker(local_deployment, name, n)
+    assert code == 0, output
+    trial = _trial(local_deployment, name, n)
+    assert trial.value == pytest.approx((trial.params["x"] - 2.0) ** 2)
+    assert trial.intermediate_values == {0: pytest.approx(trial.params["x"])}
+
+
+def test_retry_of_a_failed_trial_creates_a_replacement_with_the_same_params(
+    local_deployment: Deployment, start_toy_study: Callable[..., str], tmp_path: Path
+) -> None:
+    name, n = _one_trial(
+        local_deployment,
+        start_toy_study,
+        objective="tests.objectives:fails_first_attempt",
+        search_space=X_ONLY,
+    )
+    markers = {"HPO_TEST_MARKERS": str(tmp_path / "markers")}
+    assert run_worker(local_deployment, name, n, extra_env=markers)[0] == 1
+    code, result, output = run_worker(local_deployment, name, n, attempt=2, extra_env=markers)
+    assert code == 0, output
+    assert result is not None and result["retry_of"] == n and result["trial_number"] != n
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    first = next(t for t in study.trials if t.number == n)
+    second = next(t for t in study.trials if t.number == result["trial_number"])
+    assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
+    assert second.params == first.params
+    assert second.user_attrs[engine.T_RETRY_OF] == n
+    assert second.user_attrs[engine.T_ROUND] == first.user_attrs[engine.T_ROUND]
+    counts = engine.count_trials(study)
+    assert counts.failed == 0  # the replaced trial does not count, its replacement does
+    assert counts.counted == 3  # the batch of 3, not 4
+    # A third attempt finds the finished replacement and does nothing.
+    code, result, _ = run_worker(local_deployment, name, n, attempt=3, extra_env=markers)
+    assert code == 0 and result is not None and result["already_finished"]
+    assert len(optuna.load_study(study_name=name, storage=local_deployment.storage_url).trials) == 4
+
+
+def test_retry_takes_over_a_trial_left_running(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    name, n = _one_trial(local_deployment, start_toy_study)
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    trial_id = next(t._trial_id for t in study.trials if t.number == n)
+    study._storage.set_trial_user_attr(trial_id, "hpo.worker", {"pid": 999999, "attempt": 1})  # a dead attempt
+    code, result, output = run_worker(local_deployment, name, n, attempt=2)
+    assert code == 0, output
+    assert result is not None and result["trial_number"] == n and result["retry_of"] is None
+    assert _trial(local_deployment, name, n).state == TrialState.COMPLETE
+    assert len(optuna.load_study(study_name=name, storage=local_deployment.storage_url).trials) == 3
+
+
+def test_hung_objective_hits_the_trial_timeout(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    name, n = _one_trial(local_deployment, start_toy_study, objective="tests.objectives:hangs", search_space=X_ONLY)
+    code, result, output = run_worker(local_deployment, name, n, timeout=2)
+    assert code == 1, output
+    trial = _trial(local_deployment, name, n)
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "timeout: the objective ran longer than 2s"
+
+
+def test_worker_without_a_started_study_is_a_clear_setup_error(local_deployment: Deployment) -> None:
+    code, result, output = run_worker(local_deployment, "nope.manual__x", 0)
+    assert code == 2 and result is None
+    assert "study 'nope.manual__x' does not exist; did the 'start' task run?" in output
