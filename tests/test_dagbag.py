@@ -1,0 +1,158 @@
+"""DAG files: every study parses, a broken study only breaks itself, parsing opens no connection."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures_core import study_mapping, write_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dagbag(folder: Path) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(folder))
+
+
+def _dag_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    shutil.copy(ROOT / "dags" / "hpo_studies.py", folder / "hpo_studies.py")
+    return folder
+
+
+def test_every_shipped_study_imports_without_errors() -> None:
+    bag = _dagbag(ROOT / "dags")
+    assert bag.import_errors == {}
+    studies = sorted(p.stem for p in (ROOT / "dags" / "studies").glob("*.y*ml"))
+    assert studies, "no study files shipped"
+    for stem in studies:
+        assert f"hpo_{stem}" in bag.dags
+
+
+def test_broken_study_is_an_import_error_for_itself_only(tmp_path: Path) -> None:
+    folder = _dag_folder(tmp_path)
+    write_study(folder / "studies", study_mapping(name="good_one"))
+    write_study(folder / "studies", study_mapping(name="good_two"))
+    bad = study_mapping(name="broken")
+    bad["budget"]["n_trails"] = 3
+    write_study(folder / "studies", bad, filename="broken.yaml")
+    bag = _dagbag(folder)
+    assert {"hpo_good_one", "hpo_good_two"} <= set(bag.dags)
+    assert "hpo_broken" not in bag.dags
+    ((where, message),) = bag.import_errors.items()
+    assert where.endswith("hpo_studies.py")
+    assert message.startswith("StudySpecError: ")
+    assert f"{folder / 'studies' / 'broken.yaml'}: budget.n_trails: unknown key 'n_trails'" in message
+
+
+def test_two_broken_studies_are_both_reported(tmp_path: Path) -> None:
+    folder = _dag_folder(tmp_path)
+    write_study(folder / "studies", study_mapping(name="good"))
+    write_study(folder / "studies", "name: [", filename="a.yaml")
+    write_study(folder / "studies", study_mapping(name="b", direction="up"), filename="b.yaml")
+    bag = _dagbag(folder)
+    assert "hpo_good" in bag.dags
+    (message,) = bag.import_errors.values()
+    assert "a.yaml: not valid YAML" in message and "b.yaml: direction: 'up' is not allowed" in message
+
+
+def test_duplicate_study_names_are_refused(tmp_path: Path) -> None:
+    folder = _dag_folder(tmp_path)
+    write_study(folder / "studies", study_mapping(name="same"), filename="one.yaml")
+    write_study(folder / "studies", study_mapping(name="same"), filename="two.yaml")
+    bag = _dagbag(folder)
+    assert "hpo_same" in bag.dags
+    (message,) = bag.import_errors.values()
+    assert "two.yaml: name: 'same' is already used by" in message
+
+
+def test_strict_mode_raises(tmp_path: Path) -> None:
+    from hpo_airflow import load_study_dags
+    from hpo_core.errors import StudySpecError
+
+    write_study(tmp_path, "name: [", filename="bad.yaml")
+    with pytest.raises(StudySpecError, match=r"bad\.yaml: not valid YAML"):
+        load_study_dags({}, studies_dir=tmp_path, strict=True)
+
+
+def test_parsing_opens_no_database_or_network_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _dag_folder(tmp_path)
+    write_study(folder / "studies", study_mapping(name="offline"))
+    shutil.copy(ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml", folder / "studies")
+    from airflow.dag_processing.dagbag import DagBag
+
+    attempts: list[str] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(repr(args)[:100])
+        raise AssertionError("connection attempted while parsing")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(sqlite3, "connect", refuse)
+    import psycopg2
+
+    monkeypatch.setattr(psycopg2, "connect", refuse)
+    bag = DagBag(dag_folder=str(folder))
+    assert attempts == []
+    assert bag.import_errors == {}
+    assert {"hpo_offline", "hpo_breast_cancer_gbm"} <= set(bag.dags)
+
+
+def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
+    from hpo_airflow import build_study_dag
+    from hpo_core.spec import validate_mapping
+
+    data = study_mapping(schedule="@daily")
+    data["budget"]["timeout"] = 900
+    data["trial"] = {"retries": 3, "retry_delay": 7, "execution_timeout": 45}
+    spec = validate_mapping(data, source="<test>")
+    dag = build_study_dag(spec)
+    assert dag.dag_id == "hpo_quadratic"
+    rounds = spec.budget.max_rounds
+    assert [t.task_id for t in dag.tasks] == [
+        "start",
+        *[f"round_{k}.{step}" for k in range(1, rounds + 1) for step in ("suggest", "evaluate", "observe")],
+        "finalize",
+    ]
+    evaluate = dag.get_task("round_1.evaluate")
+    assert evaluate.retries == 3
+    assert evaluate.retry_delay.total_seconds() == 7
+    assert evaluate.execution_timeout.total_seconds() == 45 + 60  # worker timeout plus grace
+    assert evaluate.map_index_template == "{{ hpo_trial_label }}"
+    assert dag.get_task("round_1.observe").trigger_rule == "all_done"
+    assert dag.get_task("finalize").trigger_rule == "all_done"
+    assert dag.dagrun_timeout.total_seconds() == 900
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert dag.timetable.expression == "0 0 * * *"
+    assert dag.get_task("round_2.suggest").upstream_task_ids == {"round_1.observe", "start"}
+
+
+def test_trigger_params_are_bounded_by_the_spec() -> None:
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from hpo_airflow import study_params
+    from tests.fixtures_core import make_spec
+
+    spec = make_spec()  # max_rounds 3, max_batch_size 4
+    params = ParamsDict(study_params(spec))
+    assert params.validate()["n_trials"] == 6
+    ok = ParamsDict(study_params(spec))
+    ok.update({"n_trials": 12, "batch_size": 4, "seed": None, "sampler_options": {"multivariate": True}})
+    ok.validate()
+    for bad in ({"n_trials": 13}, {"batch_size": 5}, {"seed": -1}, {"sampler_options": {"nope": 1}}):
+        p = ParamsDict(study_params(spec))
+        with pytest.raises(ParamValidationError, match=f"Invalid input for param {next(iter(bad))}"):
+            p.update(bad)  # a trigger with this conf is refused before any task runs
+            p.validate()
