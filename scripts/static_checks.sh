@@ -25,7 +25,7 @@ install_tools() {
 
 if [[ ! -f "$STAMP" ]]; then
     mkdir -p "$(dirname "$VENV")"
-    exec 9>"$VENV.lock"
+    exec 9>"${TMPDIR:-/tmp}/hpo-static-checks.$(id -u).lock"
     flock 9   # two concurrent first runs must not build the venv twice
     [[ -f "$STAMP" ]] || install_tools
     flock -u 9
