@@ -925,6 +925,8 @@ class AirflowClient:
 
 
 AIRFLOW_COMPONENTS: tuple[str, ...] = ("api-server", "scheduler", "dag-processor", "triggerer")
+#: Pools created at start, as the compose stack's airflow-init does.
+DEFAULT_POOLS: Mapping[str, int] = {"hpo_trials": 4}
 
 
 class AirflowDeployment(_Service):
@@ -947,6 +949,7 @@ class AirflowDeployment(_Service):
         env: Mapping[str, str] | None = None,
         components: Sequence[str] = AIRFLOW_COMPONENTS,
         parallelism: int = 4,
+        pools: Mapping[str, int] | None = None,
     ) -> None:
         unknown = set(components) - set(AIRFLOW_COMPONENTS)
         if unknown or "api-server" not in components:
@@ -958,6 +961,7 @@ class AirflowDeployment(_Service):
         self.extra_env = dict(env or {})
         self.components = tuple(components)
         self.parallelism = parallelism
+        self.pools = dict(DEFAULT_POOLS if pools is None else pools)
         self.port = 0
         self.password = secrets.token_urlsafe(16)
         self.processes: dict[str, ManagedProcess] = {}
@@ -1077,7 +1081,8 @@ class AirflowDeployment(_Service):
             if name != "api-server":
                 self.wait_component_healthy(name)
                 self.startup_seconds[name] = time.monotonic() - started
-        self.client.token()
+        for pool, slots in self.pools.items():
+            self.client.ensure_pool(pool, slots)
         self.startup_seconds["total"] = time.monotonic() - started
         return self
 

@@ -226,6 +226,7 @@ def test_airflow_runs_a_mapped_dag_and_reruns_one_cleared_instance(
     parsed = client.wait_for_dag("svc_mapped", timeout=120, fileloc="svc_mapped.py")
     assert parsed.import_errors == [] and parsed.dag is not None
     assert parsed.dag["is_paused"] is True
+    assert client.request("GET", "/api/v2/pools/hpo_trials").json()["slots"] == 4
     client.unpause("svc_mapped")
     run_id = client.trigger("svc_mapped", {"n": 3})
 
