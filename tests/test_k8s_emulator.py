@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.providers.cncf.kubernetes.utils.pod_manager import (
@@ -33,6 +34,7 @@ from kubernetes.client.rest import ApiException
 from tests.k8s_emulator import EmulatorError, KubernetesEmulator
 
 Context = Callable[..., dict[str, Any]]
+K8S_MANIFESTS = Path(__file__).resolve().parent.parent / "docker" / "k8s"
 
 
 def _operator(emulator: KubernetesEmulator, task_id: str, code: str, **options: Any) -> KubernetesPodOperator:
@@ -347,6 +349,31 @@ def test_active_deadline_kills_the_pod(k8s_emulator: KubernetesEmulator, kpo_con
     assert _terminated(pod)["exitCode"] == 137
 
 
+def test_restricted_namespace_refuses_a_bare_pod_and_admits_the_pod_template(
+    k8s_emulator: KubernetesEmulator, kpo_context: Context, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The namespace manifest enforces the restricted profile; the pod template example meets it."""
+    namespace = yaml.safe_load((K8S_MANIFESTS / "namespace.yaml").read_text())
+    k8s_emulator.label_namespace(namespace["metadata"]["labels"])
+
+    with pytest.raises(ApiException) as refused:
+        _operator(k8s_emulator, "bare", "print('bare')").execute(kpo_context(task_id="bare"))
+    assert refused.value.status == 403
+    message = json.loads(refused.value.body)["message"]
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert 'allowPrivilegeEscalation != false (container "base"' in message
+
+    k8s_emulator.create_secret("hpo-trial-credentials", {"HPO_STORAGE_URL": "sqlite:////tmp/optuna.db"})
+    templated = _operator(
+        k8s_emulator,
+        "templated",
+        "import os; print('home', os.environ['HOME'], 'storage', os.environ['HPO_STORAGE_URL'])",
+        pod_template_file=str(K8S_MANIFESTS / "pod-template.example.yaml"),
+    )
+    templated.execute(kpo_context(task_id="templated"))
+    assert "home /tmp storage sqlite:////tmp/optuna.db" in _output(capsys)
+
+
 # ------------------------------------------------------------------------------ the API itself
 
 
@@ -585,8 +612,11 @@ def test_dag_test_retries_a_trial_pod_that_was_oom_killed(
     (home / "dags").mkdir(parents=True)
     dag_file = home / "dags" / "kpo_on_emulator.py"
     dag_file.write_text(textwrap.dedent(_DAG_FILE))
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")
+    }  # this run's own home only
     env = {
-        **os.environ,
+        **inherited,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),

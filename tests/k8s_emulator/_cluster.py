@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._model import ApiError, rfc3339, rfc3339_nano, utcnow, validate_pod
+from ._model import ApiError, pod_security_violations, rfc3339, rfc3339_nano, utcnow, validate_pod
 from ._patch import PatchError, apply_json_patch, apply_merge_patch, apply_strategic_merge_patch
 from ._selectors import (
     FieldRequirement,
@@ -222,11 +222,13 @@ class Cluster:
         result.pop("deletionTimestamp", None)
         return result
 
-    def _store_namespace(self, name: str) -> dict[str, Any]:
+    def _store_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
         obj = {
             "kind": "Namespace",
             "apiVersion": "v1",
-            "metadata": self._new_meta(None, {"name": name, "labels": {"kubernetes.io/metadata.name": name}}),
+            "metadata": self._new_meta(
+                None, {"name": name, "labels": {**(labels or {}), "kubernetes.io/metadata.name": name}}
+            ),
             "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"},
         }
@@ -239,12 +241,43 @@ class Cluster:
             raise ApiError.not_found("namespaces", namespace)
 
     # ------------------------------------------------------------------------------------ namespaces
-    def create_namespace(self, name: str) -> dict[str, Any]:
+    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Create a namespace (409 if it exists)."""
         with self.cond:
             if ("", name) in self._objects["namespaces"]:
                 raise ApiError(409, "AlreadyExists", f'namespaces "{name}" already exists')
-            return copy.deepcopy(self._store_namespace(name))
+            return copy.deepcopy(self._store_namespace(name, labels))
+
+    def label_namespace(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:
+        """Set (or, with None, remove) namespace labels, e.g. ``pod-security.kubernetes.io/enforce``."""
+        with self.cond:
+            obj = self._objects["namespaces"].get(("", name))
+            if obj is None:
+                raise ApiError.not_found("namespaces", name)
+            current = obj["metadata"].setdefault("labels", {})
+            for key, value in labels.items():
+                if value is None:
+                    current.pop(key, None)
+                else:
+                    current[key] = value
+            self._bump("namespaces", "MODIFIED", obj)
+            return copy.deepcopy(obj)
+
+    def _admit(self, namespace: str, pod: Mapping[str, Any]) -> None:
+        """Pod Security Admission: refuse pods that break the namespace's enforced standard."""
+        labels = self._objects["namespaces"][("", namespace)]["metadata"].get("labels") or {}
+        level = labels.get("pod-security.kubernetes.io/enforce", "privileged")
+        violations = pod_security_violations(pod, level)
+        if violations:
+            name = pod["metadata"]["name"]
+            version = labels.get("pod-security.kubernetes.io/enforce-version", "latest")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'pods "{name}" is forbidden: violates PodSecurity "{level}:{version}": '
+                + ", ".join(violations),
+                details={"name": name, "kind": "pods"},
+            )
 
     # ------------------------------------------------------------------------------------ faults, images
     def add_fault(self, fault: Fault) -> Fault:
@@ -299,6 +332,7 @@ class Cluster:
             causes = validate_pod(pod)
             if causes:
                 raise ApiError.invalid("Pod", name, causes)
+            self._admit(namespace, pod)
             if (namespace, name) in self._pods:
                 raise ApiError(
                     409,

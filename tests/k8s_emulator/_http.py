@@ -276,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = ((body or {}).get("metadata") or {}).get("name")
         if not name:
             raise ApiError.invalid("Namespace", "", [("metadata.name", "Required value")])
-        return 201, self.cluster.create_namespace(name)
+        return 201, self.cluster.create_namespace(name, ((body or {}).get("metadata") or {}).get("labels"))
 
     def namespace(self, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
         return 200, self.cluster.get_object("namespaces", "", params["ns"])

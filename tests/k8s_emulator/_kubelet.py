@@ -56,7 +56,13 @@ class KubeletConfig:
     passthrough_env: tuple[str, ...] = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE")
     extra_env: dict[str, str] = field(default_factory=dict)
     node_capacity: dict[str, str] = field(
-        default_factory=lambda: {"cpu": "64", "memory": "256Gi", "nvidia.com/gpu": "0", "pods": "110"}
+        default_factory=lambda: {
+            "cpu": "64",
+            "memory": "256Gi",
+            "ephemeral-storage": "500Gi",
+            "nvidia.com/gpu": "0",
+            "pods": "110",
+        }
     )
     max_grace_seconds: float = 5.0
     enforce_memory_limits: bool = True

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "ApiError",
     "parse_quantity",
+    "pod_security_violations",
     "rfc3339",
     "rfc3339_nano",
     "utcnow",
@@ -211,3 +212,86 @@ def validate_pod(pod: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("spec.activeDeadlineSeconds", f"Invalid value: {deadline!r}: must be a positive integer")
         )
     return causes
+
+
+_BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
+_RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def pod_security_violations(pod: Mapping[str, Any], level: str) -> list[str]:
+    """Check a pod against a Pod Security Standard (``baseline`` or ``restricted``), worded like the
+    admission controller; ``privileged`` (or anything else) allows everything."""
+    if level not in ("baseline", "restricted"):
+        return []
+    spec = pod.get("spec") or {}
+    pod_context = spec.get("securityContext") or {}
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    found: list[str] = []
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            found.append(f"host namespaces ({flag}=true)")
+    for volume in spec.get("volumes") or []:
+        kinds = [k for k in volume if k != "name"]
+        if "hostPath" in kinds:
+            found.append(f'hostPath volumes (volume "{volume.get("name")}")')
+        elif level == "restricted" and any(k not in _RESTRICTED_VOLUMES for k in kinds):
+            found.append(f'restricted volume types (volume "{volume.get("name")}" uses {kinds[0]})')
+    for container in containers:
+        name = container.get("name")
+        context = container.get("securityContext") or {}
+        capabilities = context.get("capabilities") or {}
+        added = set(capabilities.get("add") or [])
+        if context.get("privileged"):
+            found.append(f'privileged (container "{name}" must not set securityContext.privileged=true)')
+        if added - _BASELINE_CAPABILITIES:
+            found.append(f'non-default capabilities (container "{name}" must not include {sorted(added)})')
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            found.append(f'hostPort (container "{name}" uses hostPort)')
+        if level != "restricted":
+            continue
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(
+                f'allowPrivilegeEscalation != false (container "{name}" must set '
+                "securityContext.allowPrivilegeEscalation=false)"
+            )
+        if "ALL" not in (capabilities.get("drop") or []) or added - {"NET_BIND_SERVICE"}:
+            found.append(
+                f'unrestricted capabilities (container "{name}" must set '
+                'securityContext.capabilities.drop=["ALL"])'
+            )
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+            found.append(
+                f'runAsNonRoot != true (pod or container "{name}" must set securityContext.runAsNonRoot=true)'
+            )
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f'runAsUser=0 (container "{name}" must not set runAsUser=0)')
+        profile = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            found.append(
+                f'seccompProfile (pod or container "{name}" must set securityContext.seccompProfile.type '
+                'to "RuntimeDefault" or "Localhost")'
+            )
+    return found

@@ -272,9 +272,16 @@ class KubernetesEmulator:
             "configmaps", self._ns(namespace), {"metadata": {"name": name}, "data": dict(data)}
         )
 
-    def create_namespace(self, name: str) -> dict[str, Any]:
+    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Create another namespace."""
-        return self.cluster.create_namespace(name)
+        return self.cluster.create_namespace(name, labels)
+
+    def label_namespace(
+        self, labels: Mapping[str, str | None], namespace: str | None = None
+    ) -> dict[str, Any]:
+        """Set namespace labels (None removes one). ``pod-security.kubernetes.io/enforce: restricted``
+        makes the emulator refuse pods that break that Pod Security Standard, like a real cluster."""
+        return self.cluster.label_namespace(self._ns(namespace), labels)
 
     # --------------------------------------------------------------------------------------- faults
     def inject_fault(
