@@ -7,6 +7,7 @@ The Optuna storage is the single source of truth; return values are small summar
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_core import warmstart
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudyOutcomeError, StudySpecError, TrialStateError
 from hpo_core.samplers import SAMPLER_OPTION_KEYS, build_pruner, build_sampler
@@ -37,6 +39,7 @@ __all__ = [
     "study_name_for",
     "suggest_batch",
     "trial_label",
+    "trials_of_round",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ ATTR_STOP = "hpo.stop_reason"
 ATTR_DAG_ID = "hpo.dag_id"
 ATTR_RUN_ID = "hpo.run_id"
 ATTR_ROUND_PREFIX = "hpo.round_summary."
+#: Set on a long-lived study (warm_start.mode ``continue``): budget and rounds count per DAG run.
+ATTR_CONTINUOUS = "hpo.continuous"
 # Trial attributes.
 T_ROUND = "hpo.round"
 T_BATCH_INDEX = "hpo.batch_index"
@@ -129,8 +134,18 @@ class StudyCounts:
         return self.failed / self.finished if self.finished else 0.0
 
 
-def study_name_for(spec: StudySpec, run_id: str) -> str:
-    """Optuna study name of one DAG run; a re-run of the same DAG run reuses the study."""
+def study_name_for(spec: StudySpec, run_id: str, *, logical_date: dt.datetime | None = None) -> str:
+    """Optuna study name of one DAG run; a re-run of the same DAG run reuses the study.
+
+    A run with a logical date (a scheduled run) is named from it, e.g.
+    ``churn.2025-01-02T030000Z``; a run without one from its run id. With warm_start mode
+    ``continue`` every run uses the one long-lived study ``<name>.continuous``.
+    """
+    if spec.warm_start.mode == "continue":
+        return f"{spec.name}.continuous"
+    if logical_date is not None:
+        stamp = logical_date.astimezone(dt.UTC) if logical_date.tzinfo else logical_date
+        return f"{spec.name}.{stamp:%Y-%m-%dT%H%M%S}Z"
     return f"{spec.name}.{run_id}"
 
 
@@ -183,7 +198,7 @@ def start_study(
     study = optuna.create_study(
         storage=storage,
         study_name=name,
-        directions=directions,
+        directions=directions,  # type: ignore[arg-type]
         load_if_exists=True,
     )
     if [d.name.lower() for d in study.directions] != directions:
@@ -192,11 +207,15 @@ def start_study(
             f"{[d.name.lower() for d in study.directions]}, the spec says {directions}"
         )
     attrs = study.user_attrs
+    continuous = spec.warm_start.mode == "continue"
     study.set_user_attr(ATTR_SPEC, spec.to_json())
     study.set_user_attr(ATTR_RUN_CONFIG, asdict(config))
     study.set_user_attr(ATTR_DAG_ID, dag_id)
     study.set_user_attr(ATTR_RUN_ID, run_id)
-    if ATTR_STARTED not in attrs:
+    if continuous:
+        study.set_user_attr(ATTR_CONTINUOUS, True)
+    if ATTR_STARTED not in attrs or (continuous and attrs.get(ATTR_RUN_ID) != run_id):
+        # A long-lived study times each DAG run on its own.
         study.set_user_attr(ATTR_STARTED, time.time())
     if attrs.get(ATTR_STOP):
         # A cleared and re-run DAG run starts deciding afresh.
@@ -212,6 +231,7 @@ def start_study(
         study_name=name,
         run_name=f"{spec.name} · {run_id}",
         tags={"hpo.dag_id": dag_id, "hpo.run_id": run_id, "mlflow.note.content": spec.description},
+        run_id=run_id if continuous else None,
     )
     for key, value in {
         "n_trials": config.n_trials,
@@ -224,12 +244,22 @@ def start_study(
         _log_param_once(mlflow_client, parent, key, value)
     study.set_user_attr(ATTR_PARENT_RUN, parent)
     study.set_user_attr(ATTR_EXPERIMENT, experiment_id)
+    warm_start = attrs.get(warmstart.ATTR_WARM_START)
+    if warm_start is None:
+        # Only when the study is new: a re-run of the same DAG run must not enqueue again.
+        warm_start = warmstart.enqueue_warm_start(
+            study, spec, dag_id=dag_id, mlflow_client=mlflow_client
+        ).to_dict()
+        study.set_user_attr(warmstart.ATTR_WARM_START, warm_start)
+        if warm_start["enqueued"] or warm_start["skipped"]:
+            mlflow_client.log_dict(parent, warm_start, "warm_start.json")
     log.info("study %s ready: %s", name, asdict(config))
     return {
         "study_name": name,
         "parent_run_id": parent,
         "experiment_id": experiment_id,
         "run_config": asdict(config),
+        "warm_start": warm_start,
     }
 
 
@@ -247,11 +277,31 @@ def _log_param_once(mlflow_client: Any, run_id: str, key: str, value: Any) -> No
 
 
 def _our_trials(study: optuna.Study) -> list[FrozenTrial]:
+    run_scope = _run_scope(study)
     return [
         t
         for t in study.get_trials(deepcopy=False)
-        if T_ROUND in t.user_attrs and not t.user_attrs.get(T_DISCARDED)
+        if T_ROUND in t.user_attrs
+        and not t.user_attrs.get(T_DISCARDED)
+        and (run_scope is None or t.user_attrs.get("hpo.run_id") == run_scope)
     ]
+
+
+def trials_of_round(study: optuna.Study, round_number: int) -> list[FrozenTrial]:
+    """The trials suggested for round ``round_number`` of the study's current DAG run."""
+    return [t for t in _our_trials(study) if t.user_attrs.get(T_ROUND) == round_number]
+
+
+def _run_scope(study: optuna.Study) -> str | None:
+    """The DAG run whose trials count, for a long-lived study; ``None``: every trial counts."""
+    attrs = study.user_attrs
+    return str(attrs.get(ATTR_RUN_ID)) if attrs.get(ATTR_CONTINUOUS) else None
+
+
+def _round_prefix(study: optuna.Study) -> str:
+    """Attribute prefix of the round summaries (per DAG run in a long-lived study)."""
+    run_scope = _run_scope(study)
+    return ATTR_ROUND_PREFIX if run_scope is None else f"{ATTR_ROUND_PREFIX}{run_scope}."
 
 
 def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -306,6 +356,8 @@ def suggest_batch(
         when it is empty, why the round is not needed.
     """
     study, spec = load_study(storage_url, study_name, round_number=round_number)
+    if run_id is None:
+        run_id = study.user_attrs.get(ATTR_RUN_ID)
     existing = sorted(
         (
             t
@@ -369,10 +421,9 @@ def _ask_distinct(
     many duplicates the space is taken as exhausted for this batch and the duplicate is kept.
     """
     for attempt in range(_MAX_DUPLICATE_DRAWS):
-        trial = study.ask()
-        if study.user_attrs.get("grid_exhausted") or _grid_exhausted(study, trial):
-            study.tell(trial, state=TrialState.FAIL)
+        if _grid_exhausted(study):
             return None, {}
+        trial = study.ask()
         params = sample_params(spec, trial)
         if _key(params) not in seen or len(seen) >= space or attempt == _MAX_DUPLICATE_DRAWS - 1:
             return trial, params
@@ -381,11 +432,9 @@ def _ask_distinct(
     raise AssertionError("unreachable")
 
 
-def _grid_exhausted(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
+def _grid_exhausted(study: optuna.Study) -> bool:
     sampler = study.sampler
-    if not isinstance(sampler, optuna.samplers.GridSampler):
-        return False
-    return bool(sampler.is_exhausted(study)) and "grid_id" not in trial.system_attrs
+    return isinstance(sampler, optuna.samplers.GridSampler) and bool(sampler.is_exhausted(study))
 
 
 def _deadline_reason(study: optuna.Study, spec: StudySpec) -> str | None:
@@ -468,11 +517,9 @@ def observe_round(
     score_index = _score_index(spec)
     best = _best_value(trials, score_index, direction)
     round_best = _best_value(round_trials, score_index, direction)
-    previous = [
-        study.user_attrs[f"{ATTR_ROUND_PREFIX}{k}"]
-        for k in range(1, round_number)
-        if f"{ATTR_ROUND_PREFIX}{k}" in study.user_attrs
-    ]
+    prefix = _round_prefix(study)
+    attrs = study.user_attrs
+    previous = [attrs[f"{prefix}{k}"] for k in range(1, round_number) if f"{prefix}{k}" in attrs]
     summary: dict[str, Any] = {
         "round": round_number,
         "trials": [t.number for t in round_trials],
@@ -496,7 +543,7 @@ def observe_round(
     summary["stop_reason"] = _stop_reason(spec, config, counts, best, previous, round_number)
     if summary["stop_reason"] is None:
         summary["stop_reason"] = _deadline_reason(study, spec)
-    study.set_user_attr(f"{ATTR_ROUND_PREFIX}{round_number}", summary)
+    study.set_user_attr(f"{prefix}{round_number}", summary)
     if summary["stop_reason"]:
         study.set_user_attr(ATTR_STOP, summary["stop_reason"])
     _log_round(deployment, study, summary)
@@ -584,8 +631,8 @@ def pick_best(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
     if not complete:
         return None
     if not spec.is_multi_objective:
-        key = (lambda t: t.value) if spec.direction == "minimize" else (lambda t: -t.value)  # type: ignore[operator]
-        return min(complete, key=key)
+        sign = 1.0 if spec.direction == "minimize" else -1.0
+        return min(complete, key=lambda t: sign * float(t.values[0]))
     front_numbers = {t.number for t in study.best_trials}
     front = [t for t in complete if t.number in front_numbers] or complete
     choice = spec.pareto_choice
@@ -665,6 +712,12 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
         result["model_version"] = version
         result["model_name"] = spec.mlflow.registered_model
         result["alias"] = registry.CHALLENGER
+        from hpo_core import promotion
+
+        decision = promotion.apply_rule(
+            mlflow_client, spec, version=version, seed=run_config(study).seed or 0
+        )
+        result["promotion"] = decision.to_dict()
     if parent:
         import mlflow.entities
 
@@ -693,9 +746,16 @@ def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dic
         "hpo.values": json.dumps(dict(zip(spec.objective_metrics, best.values, strict=True))),
         "hpo.params": json.dumps(best.params, sort_keys=True),
         "hpo.dag_id": str(study.user_attrs.get(ATTR_DAG_ID)),
-        "hpo.run_id": str(study.user_attrs.get(ATTR_RUN_ID)),
+        "hpo.run_id": str(best.user_attrs.get("hpo.run_id") or study.user_attrs.get(ATTR_RUN_ID)),
         "hpo.mlflow_run_id": str(best.user_attrs.get(T_MLFLOW_RUN)),
     }
     for key, value in (best.user_attrs.get(T_LINEAGE) or {}).items():
         tags[f"hpo.{key}"] = str(value)
+    image = best.user_attrs.get("hpo.worker_image") or (
+        spec.worker.image if spec.worker.backend == "kubernetes" else None
+    )
+    if image:
+        tags["hpo.worker_image"] = str(image)
+    if best.user_attrs.get(warmstart.T_WARM_START):
+        tags["hpo.warm_start"] = str(best.user_attrs[warmstart.T_WARM_START])
     return tags

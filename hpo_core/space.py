@@ -33,7 +33,7 @@ def import_callable(path: str) -> Callable[..., Any]:
     func = getattr(module, attr, None)
     if not callable(func):
         raise ObjectiveError(f"{path!r}: module {module_name!r} has no callable {attr!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def sample_params(spec: StudySpec, trial: optuna.trial.Trial) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def _suggest(trial: optuna.trial.Trial, name: str, p: SpaceParam) -> Any:
         return trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
     if isinstance(p, IntParam):
         return trial.suggest_int(name, p.low, p.high, log=p.log, step=p.step)
-    return trial.suggest_categorical(name, p.choices)  # type: ignore[arg-type]
+    return trial.suggest_categorical(name, p.choices)
 
 
 def check_params(spec: StudySpec, params: Mapping[str, Any]) -> None:

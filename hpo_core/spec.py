@@ -571,13 +571,11 @@ def _format_errors(source: str, raw: Mapping[str, Any], error: ValidationError) 
             detail = err["msg"].removeprefix("Value error, ")
             if detail.startswith("@"):
                 rel, shown, text = detail[1:].split("@", 2)
-                path = ".".join(p for p in (".".join(map(str, loc)), rel) if p)
-                if rel.split(".")[0] in ("search_space", "sampler", "pareto_choice", "pruner") and loc:
-                    path = rel  # already a full path from the top level
+                path = ".".join(part for part in (".".join(map(str, loc)), rel) if part)
                 msg = f"{path}: {shown} {text}" if shown != "None" else f"{path}: {text}"
             elif kind == "string_pattern_mismatch":
-                hint = _PATTERN_HINTS.get(str(loc[-1]) if loc else "", "has the wrong form")
-                msg = f"{path}: {_shorten(err.get('input'))} {hint}"
+                form = _PATTERN_HINTS.get(str(loc[-1]) if loc else "", "has the wrong form")
+                msg = f"{path}: {_shorten(err.get('input'))} {form}"
             else:
                 detail = detail.replace("Input should be", "must be")
                 msg = f"{path}: {_shorten(err.get('input'))} is not allowed; {detail}"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import mlflow.pyfunc
 import optuna
 
 from hpo_core.objective import TrialContext
 
 
-class QuadraticModel:
-    """A trivial model, so that even the toy study registers something that predicts."""
+class QuadraticModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
+    """A trivial pyfunc model, so that even the toy study registers something that predicts."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
@@ -33,16 +34,7 @@ def objective(params: dict[str, Any], ctx: TrialContext) -> float:
     value = quadratic_value(params)
     for step in range(3):
         ctx.report(value * (1.0 + 0.5 / (step + 1)), step)
-    import mlflow.pyfunc
-
-    class _Model(mlflow.pyfunc.PythonModel):
-        def __init__(self, params: dict[str, Any]) -> None:
-            self.params = params
-
-        def predict(self, context: Any, model_input: Any, params: Any = None) -> list[float]:
-            return [quadratic_value(self.params)] * len(model_input)
-
-    ctx.log_model(_Model(dict(params)), flavor="pyfunc")
+    ctx.log_model(QuadraticModel(dict(params)), flavor="pyfunc", input_example=[[0.0]])
     return value
 
 

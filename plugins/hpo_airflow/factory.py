@@ -100,7 +100,8 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         default_args=default_args,
         doc_md=_doc(spec, source),
     ) as dag:
-        start = task(task_id="start")(_tasks.start)(spec)
+        # XComArgs stand in for the values the tasks receive at run time.
+        start: Any = task(task_id="start")(_tasks.start)(spec)
         previous: Any = start
         for k in range(1, spec.budget.max_rounds + 1):
             with TaskGroup(group_id=f"round_{k}", tooltip=f"round {k}: suggest, evaluate, observe") as group:
