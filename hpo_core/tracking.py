@@ -54,14 +54,19 @@ def find_or_create_parent_run(
     study_name: str,
     run_name: str,
     tags: Mapping[str, str],
+    run_id: str | None = None,
 ) -> str:
-    """The study's parent run: found by its ``hpo.study`` tag, so a re-run reuses it."""
+    """The study's parent run: found by its ``hpo.study`` tag, so a re-run reuses it.
+
+    ``run_id`` given (a long-lived study that several DAG runs add to): one parent run per
+    DAG run, found by its ``hpo.run_id`` tag as well.
+    """
     escaped = study_name.replace("'", "\\'")
-    existing = mlflow_client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`hpo.study` = '{escaped}' and tags.`hpo.role` = 'study'",
-        max_results=1,
-    )
+    filter_string = f"tags.`hpo.study` = '{escaped}' and tags.`hpo.role` = 'study'"
+    if run_id is not None:
+        escaped_run = run_id.replace("'", "\\'")
+        filter_string += f" and tags.`hpo.run_id` = '{escaped_run}'"
+    existing = mlflow_client.search_runs([experiment_id], filter_string=filter_string, max_results=1)
     if existing:
         run = existing[0]
         if run.info.status != "RUNNING":
