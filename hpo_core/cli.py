@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate study files")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=_cmd_validate)
+    from hpo_core import promotion
+
+    promotion.add_cli_commands(sub)
     return parser
 
 

@@ -32,7 +32,11 @@ _TERM_GRACE = 10
 
 
 def start(spec: StudySpec) -> dict[str, Any]:
-    """Create or load the run's study (re-runs reuse it) and open the MLflow parent run."""
+    """Create or load the run's study (re-runs reuse it) and open the MLflow parent run.
+
+    A run with a logical date (every scheduled run) gets a study named from that date; a manual
+    run without one is named from its run id.
+    """
     from hpo_core import engine
 
     context = get_current_context()
@@ -45,6 +49,7 @@ def start(spec: StudySpec) -> dict[str, Any]:
             dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
             overrides=params,
+            study_name=engine.study_name_for(spec, dag_run.run_id, logical_date=context.get("logical_date")),
         )
     except StudySpecError as e:
         raise AirflowFailException(str(e)) from e
@@ -139,7 +144,7 @@ def observe(study: Mapping[str, Any] | None, round_number: int) -> dict[str, Any
     states = _evaluate_states(context, round_number)
     deployment = resolve_deployment()
     storage_study, _ = engine.load_study(deployment.storage_url, study["study_name"])
-    if not any(t.user_attrs.get(engine.T_ROUND) == round_number for t in storage_study.get_trials(deepcopy=False)):
+    if not engine.trials_of_round(storage_study, round_number):
         raise AirflowSkipException(f"round {round_number} did not run")
     summary = engine.observe_round(
         deployment=deployment,

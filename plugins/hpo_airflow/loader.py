@@ -15,6 +15,7 @@ from hpo_core.errors import StudySpecError
 from hpo_core.spec import load_spec
 
 from hpo_airflow.factory import START_DATE, build_study_dag
+from hpo_airflow.promotion_dag import PROMOTION_DAG_ID, build_promotion_dag
 
 __all__ = ["BrokenStudyWarning", "load_study_dags"]
 
@@ -86,6 +87,7 @@ def load_study_dags(
         errors["hpo__studies"] = message
     for dag_id, dag in built.items():
         globals_dict[dag_id] = dag
+    globals_dict[PROMOTION_DAG_ID] = build_promotion_dag()
     if errors:
         # Each placeholder carries every message: Airflow keeps one import error per DAG file.
         combined = "\n".join(errors.values())
