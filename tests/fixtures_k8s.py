@@ -19,7 +19,9 @@ import pytest
 from tests.k8s_emulator import EmulatorError, KubernetesEmulator
 
 __all__ = [
+    "K8S_CONNECTION_ID",
     "K8S_TEST_NAMESPACE",
+    "WORKER_IMAGE_ENTRYPOINTS",
     "FakeTaskInstance",
     "k8s_connection",
     "k8s_emulator",
@@ -29,6 +31,8 @@ __all__ = [
 
 K8S_TEST_NAMESPACE = "hpo-trials"
 K8S_CONNECTION_ID = "kubernetes_emulator"
+#: ENTRYPOINT of docker/worker/Dockerfile, for pods of a worker image that pass only ``arguments``.
+WORKER_IMAGE_ENTRYPOINTS = {"*hpo-worker*": ["python", "-m", "hpo_core.worker"]}
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,13 +59,18 @@ class _FakeDag:
 
 @pytest.fixture(scope="session")
 def k8s_emulator_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubernetesEmulator]:
-    """One emulator for the whole session; prefer ``k8s_emulator``, which resets it around each test."""
+    """One emulator for the whole session; prefer ``k8s_emulator``, which resets it around each test.
+
+    Containers run with the repository root as working directory and on ``PYTHONPATH``; an image
+    whose name contains ``hpo-worker`` runs ``python -m hpo_core.worker`` when the pod gives no command.
+    """
     pythonpath = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     emulator = KubernetesEmulator(
         namespace=K8S_TEST_NAMESPACE,
         workdir=tmp_path_factory.mktemp("k8s-emulator"),
         cwd=_REPO_ROOT,
         extra_env={"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1"},
+        images=WORKER_IMAGE_ENTRYPOINTS,
     )
     try:
         emulator.start()

@@ -560,6 +560,22 @@ def test_unknown_entrypoint_is_a_start_error_and_registered_images_work(
     assert k8s_emulator.pod_logs("entrypoint") == "args ['--trial', '7']\n"
 
 
+def test_worker_image_runs_the_worker_module_like_its_entrypoint(k8s_emulator: KubernetesEmulator) -> None:
+    """The fixture maps ``*hpo-worker*`` images to docker/worker/Dockerfile's ENTRYPOINT."""
+    pod = {
+        "metadata": {"name": "worker-help"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "base", "image": "registry.example.com/hpo-worker:0.1.0", "args": ["--help"]}
+            ],
+        },
+    }
+    k8s_emulator.create_pod(pod)
+    assert k8s_emulator.wait_for_pod("worker-help")["status"]["phase"] == "Succeeded"
+    assert "usage: python -m hpo_core.worker" in k8s_emulator.pod_logs("worker-help")
+
+
 def test_close_kills_every_pod_process(tmp_path: Path) -> None:
     emulator = KubernetesEmulator(workdir=tmp_path).start()
     try:

@@ -320,7 +320,7 @@ class Cluster:
             )
         with self.cond:
             self._require_namespace(namespace)
-            pod = {
+            pod: dict[str, Any] = {
                 "kind": "Pod",
                 "apiVersion": "v1",
                 "metadata": self._new_meta(namespace, meta),

@@ -185,7 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
         return "ok"
 
     def api_versions(self, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-        address = f"{self.server.server_address[0]}:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        address = f"{host!s}:{port}"
         return 200, {
             "kind": "APIVersions",
             "versions": ["v1"],

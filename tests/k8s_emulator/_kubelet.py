@@ -214,6 +214,7 @@ class Kubelet:
             with self.cluster.cond:
                 if record.gone or self.cluster.closing:
                     return False
+                reason: str | None
                 if fault is not None and fault.kind == "unschedulable":
                     reason = (
                         fault.message

@@ -66,13 +66,13 @@ def apply_strategic_merge_patch(target: Any, patch: Any, _field: str = "") -> An
         return copy.deepcopy(patch)
     if "$patch" in patch:
         raise PatchError(f"strategic merge patch: unsupported directive $patch={patch['$patch']!r}")
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    merged: dict[str, Any] = copy.deepcopy(target) if isinstance(target, dict) else {}
     for name, value in patch.items():
         if value is None:
-            result.pop(name, None)
+            merged.pop(name, None)
         else:
-            result[name] = apply_strategic_merge_patch(result.get(name), value, name)
-    return result
+            merged[name] = apply_strategic_merge_patch(merged.get(name), value, name)
+    return merged
 
 
 def _pointer(path: str) -> list[str]:
