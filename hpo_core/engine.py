@@ -368,7 +368,7 @@ def suggest_batch(
     )
     if existing:
         log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
-        return [_batch_entry(t.number, t.params) for t in existing], None
+        return [_batch_entry(t.number, t.params, round_number) for t in existing], None
     stop = study.user_attrs.get(ATTR_STOP)
     if stop:
         return [], f"study stopped before round {round_number}: {stop}"
@@ -397,15 +397,20 @@ def suggest_batch(
             "hpo.map_index": index,
         }.items():
             trial.set_user_attr(key, value)
-        batch.append(_batch_entry(trial.number, params))
+        batch.append(_batch_entry(trial.number, params, round_number))
     log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
     if not batch:
         return [], "search space exhausted"
     return batch, None
 
 
-def _batch_entry(number: int, params: Mapping[str, Any]) -> dict[str, Any]:
-    return {"trial_number": number, "params": dict(params), "label": trial_label(number, params)}
+def _batch_entry(number: int, params: Mapping[str, Any], round_number: int) -> dict[str, Any]:
+    return {
+        "trial_number": number,
+        "params": dict(params),
+        "label": trial_label(number, params),
+        "round": round_number,
+    }
 
 
 def _key(params: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ Shape (fixed at parse time, from the spec)::
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from airflow.sdk import TriggerRule as TR
 
 from hpo_core.spec import StudySpec
 
-from hpo_airflow import _tasks
+from hpo_airflow import _tasks, kubernetes
 
 __all__ = ["build_study_dag", "study_params"]
 
@@ -106,7 +107,7 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         for k in range(1, spec.budget.max_rounds + 1):
             with TaskGroup(group_id=f"round_{k}", tooltip=f"round {k}: suggest, evaluate, observe") as group:
                 batch = task(task_id="suggest")(_tasks.suggest)(start, k)
-                evaluated = _evaluate_task(spec).partial(study=start).expand(trial=batch)
+                evaluated = _evaluate(spec, start, batch)
                 observed = task(task_id="observe", trigger_rule=TR.ALL_DONE)(_tasks.observe)(start, k)
                 evaluated >> observed
             previous >> group
@@ -116,23 +117,32 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
     return dag
 
 
-def _evaluate_task(spec: StudySpec) -> Any:
-    """The mapped trial task of the spec's worker backend."""
+def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
+    """The round's mapped trial tasks, one per suggested trial, on the study's worker backend."""
     trial_timeout = spec.trial.execution_timeout
     common: dict[str, Any] = {
         "task_id": "evaluate",
         "retries": spec.trial.retries,
         "retry_delay": dt.timedelta(seconds=spec.trial.retry_delay),
         "execution_timeout": dt.timedelta(seconds=trial_timeout + _tasks.TIMEOUT_GRACE),
-        "map_index_template": "{{ hpo_trial_label }}",
     }
     if spec.worker.pool:
         common["pool"] = spec.worker.pool
     if spec.worker.max_active_trials:
         common["max_active_tis_per_dagrun"] = spec.worker.max_active_trials
 
+    if kubernetes.backend_for(spec) == "kubernetes":
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        label = f"{{{{ task.annotations['{kubernetes.TRIAL_LABEL_ANNOTATION}'] }}}}"
+        return KubernetesPodOperator.partial(
+            **common, map_index_template=label, **kubernetes.trial_pod_settings(spec)
+        ).expand_kwargs(batch.map(functools.partial(kubernetes.trial_pod_overrides, spec)))
+
     def evaluate(trial: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
         return _tasks.evaluate_local(trial, study, trial_timeout)
 
     evaluate.__doc__ = "Evaluate one trial with the local worker."
-    return task(**common)(evaluate)
+    return task(**common, map_index_template="{{ hpo_trial_label }}")(evaluate).partial(study=start).expand(
+        trial=batch
+    )

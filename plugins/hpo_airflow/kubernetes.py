@@ -1,0 +1,171 @@
+"""The ``kubernetes`` worker backend: each trial is a KubernetesPodOperator pod.
+
+:func:`trial_pod_settings` is the one pure function that builds a trial pod's settings from the
+spec (and the deployment's defaults); :func:`trial_pod_overrides` adds what differs per trial.
+Both run at parse time: no cluster, database or network is touched. Credentials reach the pod only
+through a Kubernetes Secret (``envFrom``); the arguments carry identifiers only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from hpo_core.launch import worker_arguments
+from hpo_core.spec import StudySpec
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "DEFAULT_NAMESPACE",
+    "TRIAL_LABEL_ANNOTATION",
+    "WORKER_COMMAND",
+    "backend_for",
+    "trial_pod_overrides",
+    "trial_pod_settings",
+]
+
+#: Environment overrides of the deployment (read at parse time; they hold no secret).
+ENV_BACKEND = "HPO_WORKER_BACKEND"
+ENV_IMAGE = "HPO_WORKER_IMAGE"
+ENV_NAMESPACE = "HPO_K8S_NAMESPACE"
+ENV_CONN_ID = "HPO_K8S_CONN_ID"
+ENV_CONFIG_FILE = "HPO_K8S_CONFIG_FILE"
+ENV_IN_CLUSTER = "HPO_K8S_IN_CLUSTER"
+
+DEFAULT_IMAGE = "hpo-worker:latest"
+DEFAULT_NAMESPACE = "hpo-trials"
+WORKER_COMMAND = ["python", "-m", "hpo_core.worker"]
+TRIAL_LABEL_ANNOTATION = "hpo.dev/trial-label"
+#: Seconds the pod may run beyond the worker's own trial timeout (start-up, MLflow upload).
+POD_DEADLINE_GRACE = 120
+#: The worker image's non-root user (docker/worker/Dockerfile).
+WORKER_UID = 10001
+#: Pulls the study name from the ``start`` task at run time (an identifier, not a secret).
+STUDY_NAME_TEMPLATE = "{{ ti.xcom_pull(task_ids='start')['study_name'] }}"
+
+
+def backend_for(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
+    """The worker backend: ``$HPO_WORKER_BACKEND`` overrides the spec's ``worker.backend``."""
+    env = os.environ if env is None else env
+    chosen = env.get(ENV_BACKEND) or spec.worker.backend
+    if chosen not in ("local", "kubernetes"):
+        raise ValueError(f"{ENV_BACKEND}={chosen!r}: allowed values are 'local' and 'kubernetes'")
+    return chosen
+
+
+def label_value(value: object) -> str:
+    """A string made valid as a Kubernetes label value (63 chars of ``[A-Za-z0-9_.-]``)."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
+    return text[:63].rstrip("-_.") or "none"
+
+
+def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """KubernetesPodOperator arguments shared by every trial pod of the study.
+
+    Args:
+        spec: the study.
+        env: deployment defaults (``HPO_WORKER_IMAGE``, ``HPO_K8S_*``); defaults to ``os.environ``.
+    """
+    from kubernetes.client import models as k8s
+
+    env = os.environ if env is None else env
+    worker = spec.worker
+    res = worker.resources
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, str] = {"memory": res.memory_limit or res.memory}
+    if res.cpu_limit:
+        limits["cpu"] = res.cpu_limit
+    if res.gpu:
+        requests["nvidia.com/gpu"] = str(res.gpu)
+        limits["nvidia.com/gpu"] = str(res.gpu)
+    settings: dict[str, Any] = {
+        "name": f"hpo-{spec.name}".replace("_", "-").lower()[:50],
+        "namespace": worker.namespace or env.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
+        "image": worker.image or env.get(ENV_IMAGE) or DEFAULT_IMAGE,
+        "image_pull_policy": worker.image_pull_policy,
+        "cmds": list(WORKER_COMMAND),
+        "env_vars": [
+            k8s.V1EnvVar(name="HOME", value="/tmp"),
+            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+            k8s.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
+        ],
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=worker.secret_name))],
+        "container_resources": k8s.V1ResourceRequirements(requests=requests, limits=limits),
+        "node_selector": dict(worker.node_selector),
+        "tolerations": [dict(t) for t in worker.tolerations],
+        "affinity": dict(worker.affinity),
+        "service_account_name": worker.service_account or "hpo-trial",
+        "automount_service_account_token": False,
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=WORKER_UID,
+            run_as_group=WORKER_UID,
+            fs_group=WORKER_UID,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        "container_security_context": k8s.V1SecurityContext(
+            run_as_non_root=True,
+            allow_privilege_escalation=False,
+            privileged=False,
+            read_only_root_filesystem=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        ),
+        "volumes": [
+            k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="2Gi")),
+        ],
+        "volume_mounts": [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")],
+        "active_deadline_seconds": spec.trial.execution_timeout + POD_DEADLINE_GRACE,
+        "startup_timeout_seconds": worker.startup_timeout,
+        "on_finish_action": worker.on_finish_action,
+        "reattach_on_restart": True,
+        "get_logs": True,
+        "log_events_on_failure": True,
+        "do_xcom_push": False,
+        "pod_template_file": worker.pod_template_file,
+    }
+    if env.get(ENV_CONFIG_FILE):
+        settings["config_file"] = env[ENV_CONFIG_FILE]
+        settings["in_cluster"] = False
+    elif env.get(ENV_IN_CLUSTER, "").lower() in ("1", "true", "yes"):
+        settings["in_cluster"] = True
+    if env.get(ENV_CONN_ID):
+        settings["kubernetes_conn_id"] = env[ENV_CONN_ID]
+    return settings
+
+
+def trial_pod_overrides(spec: StudySpec, trial: Mapping[str, Any]) -> dict[str, Any]:
+    """What differs per trial: the worker arguments, and labels/annotations naming the trial.
+
+    The DAG run and the attempt are filled in by templates at run time; KubernetesPodOperator
+    itself adds the dag_id/task_id/run_id/map_index labels it uses to find and reattach pods.
+    """
+    number = trial["trial_number"]
+    return {
+        "arguments": worker_arguments(
+            study_name=STUDY_NAME_TEMPLATE,
+            trial_number=number,
+            attempt="{{ ti.try_number }}",
+            timeout=spec.trial.execution_timeout,
+        ),
+        "labels": {
+            "app.kubernetes.io/name": "hpo-trial",
+            "app.kubernetes.io/managed-by": "airflow",
+            "hpo.dev/study": label_value(spec.name),
+            "hpo.dev/trial-number": str(number),
+            "hpo.dev/round": str(trial.get("round", "")) or "none",
+        },
+        "annotations": {
+            TRIAL_LABEL_ANNOTATION: str(trial["label"]),
+            "hpo.dev/study": spec.name,
+            "hpo.dev/dag-run": "{{ run_id }}",
+            "hpo.dev/params": _params_text(trial.get("params") or {}),
+        },
+    }
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(dict(params), sort_keys=True, default=str)[:4000]

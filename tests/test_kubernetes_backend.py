@@ -1,0 +1,313 @@
+"""The ``kubernetes`` worker backend: the pure pod builder, and whole studies through the real
+KubernetesPodOperator against the Kubernetes API emulator (pods run as local processes)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo_core import engine
+from hpo_core.deployment import Deployment
+from tests.fixtures_core import study_mapping, write_study
+from tests.k8s_emulator import KubernetesEmulator
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET_VALUES = {
+    "storage": "postgresql+psycopg2://optuna:s3cr3t-Pa55@db.internal:5432/optuna",
+    "aws": "AKIA-very-secret-key-value",
+}
+
+WORKER = {
+    "backend": "kubernetes",
+    "image": "registry.example.com/ml/hpo-worker:1.2.3",
+    "image_pull_policy": "Always",
+    "namespace": "hpo-trials",
+    "service_account": "hpo-trial",
+    "resources": {"cpu": "2", "memory": "4Gi", "cpu_limit": "4", "memory_limit": "6Gi", "gpu": 1},
+    "node_selector": {"pool": "gpu"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]}]}
+                ]
+            }
+        }
+    },
+    "startup_timeout": 240,
+    "on_finish_action": "delete_succeeded_pod",
+    "pool": "hpo_trials",
+    "max_active_trials": 2,
+}
+
+
+class _TI:
+    """The task instance methods the operator's templates call."""
+
+    try_number = 2
+    map_index = 1
+    dag_id = "hpo_quadratic"
+    task_id = "round_1.evaluate"
+    run_id = "manual__2026-11-22"
+
+    def xcom_pull(self, task_ids: str, **_: Any) -> dict[str, Any]:
+        assert task_ids == "start"
+        return {"study_name": "quadratic.manual__2026-11-22"}
+
+
+def _operator(monkeypatch: pytest.MonkeyPatch, **worker_changes: Any) -> Any:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    from hpo_airflow.kubernetes import trial_pod_overrides, trial_pod_settings
+    from hpo_core.spec import validate_mapping
+
+    # Secrets present in the Airflow environment must never leak into the pod.
+    monkeypatch.setenv("HPO_STORAGE_URL", SECRET_VALUES["storage"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUES["aws"])
+    spec = validate_mapping(study_mapping(worker={**WORKER, **worker_changes}), source="<test>")
+    trial = {"trial_number": 17, "params": {"x": 0.5, "optimizer": "adam"}, "label": "trial 17 · x=0.5", "round": 3}
+    op = KubernetesPodOperator(
+        task_id="evaluate", **trial_pod_settings(spec, env={}), **trial_pod_overrides(spec, trial)
+    )
+    context: dict[str, Any] = {"ti": _TI(), "run_id": _TI.run_id, "task": op, "dag": None}
+    op.render_template_fields(context)
+    return op, spec, context
+
+
+def test_pod_builder_sets_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    op, spec, context = _operator(monkeypatch)
+    pod = op.build_pod_request_obj(context, dry_run=True)
+    container = pod.spec.containers[0]
+    assert container.image == "registry.example.com/ml/hpo-worker:1.2.3"
+    assert container.image_pull_policy == "Always"
+    assert container.command == ["python", "-m", "hpo_core.worker"]
+    assert container.args == [
+        "--study-name", "quadratic.manual__2026-11-22", "--trial-number", "17",
+        "--attempt", "2", "--timeout", str(spec.trial.execution_timeout),
+    ]  # fmt: skip
+    (env_from,) = container.env_from
+    assert env_from.secret_ref.name == "hpo-trial-credentials"
+    assert {e.name for e in container.env} == {"HOME", "PYTHONUNBUFFERED", "MPLCONFIGDIR"}
+    assert container.resources.requests == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
+    assert container.resources.limits == {"cpu": "4", "memory": "6Gi", "nvidia.com/gpu": "1"}
+    assert pod.spec.node_selector == {"pool": "gpu"}
+    assert pod.spec.tolerations[0].key == "nvidia.com/gpu" and pod.spec.tolerations[0].operator == "Exists"
+    terms = pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    assert terms.node_selector_terms[0].match_expressions[0].values == ["a", "b"]
+    assert pod.spec.service_account_name == "hpo-trial"
+    assert pod.spec.automount_service_account_token is False
+    assert pod.metadata.namespace == "hpo-trials"
+    labels = pod.metadata.labels
+    assert labels["hpo.dev/study"] == "quadratic"
+    assert labels["hpo.dev/trial-number"] == "17"
+    assert labels["hpo.dev/round"] == "3"
+    assert labels["run_id"]  # the operator's own labels, used to find and reattach the pod
+    annotations = pod.metadata.annotations
+    assert annotations["hpo.dev/trial-label"] == "trial 17 · x=0.5"
+    assert annotations["hpo.dev/dag-run"] == "manual__2026-11-22"
+    assert json.loads(annotations["hpo.dev/params"]) == {"optimizer": "adam", "x": 0.5}
+    psc = pod.spec.security_context
+    assert psc.run_as_non_root is True and psc.run_as_user == 10001
+    assert psc.seccomp_profile.type == "RuntimeDefault"
+    csc = container.security_context
+    assert csc.allow_privilege_escalation is False and csc.privileged is False
+    assert csc.read_only_root_filesystem is True
+    assert csc.capabilities.drop == ["ALL"]
+    (scratch,) = pod.spec.volumes
+    assert scratch.empty_dir is not None
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("scratch", "/tmp")]
+    assert pod.spec.active_deadline_seconds == spec.trial.execution_timeout + 120
+    assert op.startup_timeout_seconds == 240
+    assert op.on_finish_action.value == "delete_succeeded_pod"
+    assert op.reattach_on_restart is True
+    assert op.do_xcom_push is False
+
+
+def test_no_secret_in_the_pod_or_the_templated_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client import ApiClient
+
+    op, _, context = _operator(monkeypatch)
+    rendered = json.dumps(ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context, dry_run=True)))
+    templated = json.dumps({f: repr(getattr(op, f)) for f in op.template_fields})
+    for secret in SECRET_VALUES.values():
+        assert secret not in rendered
+        assert secret not in templated
+    assert "s3cr3t" not in rendered + templated
+
+
+def test_pod_template_file_from_the_spec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    template = tmp_path / "template.yaml"
+    template.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: base\n  labels: {team: ml}\n"
+        "spec:\n  priorityClassName: hpo-low\n  containers:\n  - name: base\n    image: placeholder\n"
+    )
+    op, _, context = _operator(monkeypatch, pod_template_file=str(template))
+    pod = op.build_pod_request_obj(context, dry_run=True)
+    assert pod.spec.priority_class_name == "hpo-low"
+    assert pod.metadata.labels["team"] == "ml"
+    assert pod.spec.containers[0].image == "registry.example.com/ml/hpo-worker:1.2.3"
+
+
+def test_pool_and_concurrency_limits_reach_the_mapped_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo_airflow import build_study_dag
+    from hpo_core.spec import validate_mapping
+
+    monkeypatch.delenv("HPO_WORKER_BACKEND", raising=False)
+    spec = validate_mapping(study_mapping(worker=WORKER), source="<test>")
+    evaluate = build_study_dag(spec).get_task("round_1.evaluate")
+    assert evaluate.operator_name == "KubernetesPodOperator"
+    assert evaluate.partial_kwargs["pool"] == "hpo_trials"
+    assert evaluate.partial_kwargs["max_active_tis_per_dagrun"] == 2
+    assert evaluate.partial_kwargs["map_index_template"] == "{{ task.annotations['hpo.dev/trial-label'] }}"
+
+
+def test_backend_is_overridable_per_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpo_airflow import build_study_dag
+    from hpo_core.spec import validate_mapping
+
+    spec = validate_mapping(study_mapping(), source="<test>")  # worker.backend: local
+    monkeypatch.setenv("HPO_WORKER_BACKEND", "kubernetes")
+    assert build_study_dag(spec).get_task("round_1.evaluate").operator_name == "KubernetesPodOperator"
+    monkeypatch.setenv("HPO_WORKER_BACKEND", "local")
+    assert build_study_dag(spec).get_task("round_1.evaluate").operator_name != "KubernetesPodOperator"
+
+
+# --- end to end through the emulator ---------------------------------------------------------
+
+
+def _k8s_dag(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    k8s_emulator: KubernetesEmulator,
+    k8s_connection: str,
+    deployment: Deployment,
+    **changes: Any,
+) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    shutil.copy(ROOT / "dags" / "hpo_studies.py", folder)
+    worker = {"backend": "kubernetes", "image": "hpo-worker:test", "startup_timeout": 8}
+    write_study(folder / "studies", study_mapping(worker=worker, **changes))
+    monkeypatch.setenv("HPO_K8S_CONN_ID", k8s_connection)
+    monkeypatch.setenv("HPO_K8S_NAMESPACE", k8s_emulator.namespace)
+    k8s_emulator.create_secret("hpo-trial-credentials", deployment.worker_env())
+    bag = DagBag(dag_folder=str(folder))
+    assert bag.import_errors == {}
+    return bag.dags["hpo_quadratic"]
+
+
+def _trials(deployment: Deployment) -> list[optuna.trial.FrozenTrial]:
+    from hpo_core.cli import latest_study_name
+
+    name = latest_study_name(deployment, "hpo_quadratic")
+    study = optuna.load_study(study_name=name, storage=deployment.storage_url)
+    return [t for t in study.get_trials() if engine.T_ROUND in t.user_attrs]
+
+
+@pytest.mark.slow
+def test_study_runs_through_real_pod_operator_tasks(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    airflow_db: Path,
+    local_deployment: Deployment,
+    k8s_emulator: KubernetesEmulator,
+    k8s_connection: str,
+) -> None:
+    dag = _k8s_dag(tmp_path, monkeypatch, k8s_emulator, k8s_connection, local_deployment)
+    dag_run = dag.test(run_conf={"n_trials": 4, "batch_size": 2})
+    assert dag_run.state == "success"
+    trials = _trials(local_deployment)
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    pods = k8s_emulator.records()
+    assert len(pods) == 4  # one pod per trial, none run twice
+    client = mlflow.MlflowClient(tracking_uri=local_deployment.tracking_uri)
+    version = client.get_model_version_by_alias("quadratic", "challenger")
+    best = min(trials, key=lambda t: t.value)
+    assert version.tags["hpo.trial_number"] == str(best.number)
+    model = mlflow.pyfunc.load_model("models:/quadratic@challenger")
+    assert model.predict([[0.0]])[0] == pytest.approx(best.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "expected_reason"),
+    [("oom", "OOMKilled"), ("image_pull", "ImagePullBackOff"), ("crash", "Error")],
+)
+def test_pod_faults_fail_the_trial_task_then_the_retry_succeeds(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    airflow_db: Path,
+    local_deployment: Deployment,
+    k8s_emulator: KubernetesEmulator,
+    k8s_connection: str,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    expected_reason: str,
+) -> None:
+    dag = _k8s_dag(
+        tmp_path,
+        monkeypatch,
+        k8s_emulator,
+        k8s_connection,
+        local_deployment,
+        budget={"n_trials": 2, "batch_size": 2, "max_rounds": 1},
+        trial={"retries": 1, "retry_delay": 0, "execution_timeout": 120},
+    )
+    injected = k8s_emulator.inject_fault(fault, nth=1, times=1, after_seconds=2.0, exit_code=3)
+    dag_run = dag.test()
+    assert dag_run.state == "success"
+    assert len(injected.hits) == 1
+    trials = _trials(local_deployment)
+    counts_by_state = {s: sum(t.state == s for t in trials) for s in TrialState}
+    if fault == "crash":
+        # The worker process was killed mid-trial: the retry takes the RUNNING trial over.
+        assert len(trials) == 2
+    else:
+        assert len(trials) == 2  # a pod that never started never touched the trial
+    assert counts_by_state[TrialState.COMPLETE] == 2
+    assert expected_reason in caplog.text
+    tis = {(ti.map_index, ti.try_number): ti.state for ti in dag_run.get_task_instances() if "evaluate" in ti.task_id}
+    assert max(try_number for _, try_number in tis) == 2  # the failed attempt was retried per the spec
+
+
+@pytest.mark.slow
+def test_pod_that_always_fails_leaves_a_failed_trial_and_a_red_task(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    airflow_db: Path,
+    local_deployment: Deployment,
+    k8s_emulator: KubernetesEmulator,
+    k8s_connection: str,
+) -> None:
+    dag = _k8s_dag(
+        tmp_path,
+        monkeypatch,
+        k8s_emulator,
+        k8s_connection,
+        local_deployment,
+        budget={"n_trials": 2, "batch_size": 2, "max_rounds": 1},
+        trial={"retries": 1, "retry_delay": 0, "execution_timeout": 120},
+        stopping={"max_failed_fraction": 0.5},
+    )
+    k8s_emulator.inject_fault("oom", labels={"hpo.dev/trial-number": "0"}, times=None, after_seconds=2.0)
+    dag_run = dag.test()
+    assert dag_run.state == "success"  # one of two trials failed: within max_failed_fraction
+    trials = {t.number: t for t in _trials(local_deployment)}
+    assert trials[0].state == TrialState.FAIL
+    assert "worker ended without reporting a result" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].state == TrialState.COMPLETE
+    failed = [
+        ti for ti in dag_run.get_task_instances() if ti.task_id == "round_1.evaluate" and ti.state == "failed"
+    ]
+    assert [ti.map_index for ti in failed] == [0]
+    assert failed[0].rendered_map_index and failed[0].rendered_map_index.startswith("trial 0 · ")
