@@ -447,6 +447,32 @@ def test_selectors_patches_and_errors_behave_like_the_api_server(k8s_emulator: K
     assert unauthorised.value.status == 401
 
 
+def test_secrets_config_maps_and_field_refs_over_the_api(k8s_emulator: KubernetesEmulator) -> None:
+    api = _api(k8s_emulator)
+    api.create_namespaced_secret(
+        "hpo-trials", k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="creds"), string_data={"TOKEN": "s3cr3t"})
+    )
+    api.create_namespaced_config_map(
+        "hpo-trials", k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="tuning"), data={"SEED": "7"})
+    )
+    assert api.read_namespaced_secret("creds", "hpo-trials").data == {"TOKEN": "czNjcjN0"}
+    assert [s.metadata.name for s in api.list_namespaced_secret("hpo-trials").items] == ["creds"]
+
+    pod = _pod_manifest(
+        "env",
+        "import os; print(os.environ['TOKEN'], os.environ['SEED'], os.environ['POD'], os.environ['NS'])",
+    )
+    pod["spec"]["containers"][0]["env"] = [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "TOKEN"}}},
+        {"name": "SEED", "valueFrom": {"configMapKeyRef": {"name": "tuning", "key": "SEED"}}},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    k8s_emulator.create_pod(pod)
+    assert k8s_emulator.wait_for_pod("env")["status"]["phase"] == "Succeeded"
+    assert k8s_emulator.pod_logs("env") == "s3cr3t 7 env hpo-trials\n"
+
+
 def test_events_and_scheduling_faults(k8s_emulator: KubernetesEmulator) -> None:
     gpu_pod = _pod_manifest("wants-gpu", "pass")
     gpu_pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
