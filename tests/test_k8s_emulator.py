@@ -203,7 +203,7 @@ def test_nonzero_exit_fails_the_task_and_names_the_failure(
 def test_injected_oom_is_reported_as_exit_137_oomkilled(
     k8s_emulator: KubernetesEmulator, kpo_context: Context, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fault = k8s_emulator.inject_fault("oom", labels={"task_id": "trial-oom"}, after_seconds=0.5)
+    fault = k8s_emulator.inject_fault("oom", labels={"task_id": "trial-oom"}, after_log_lines=1)
     operator = _operator(
         k8s_emulator, "trial-oom", "import time; print('training', flush=True); time.sleep(30)"
     )

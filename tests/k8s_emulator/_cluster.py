@@ -88,8 +88,9 @@ class Fault:
 
     ``kind`` is ``oom`` (SIGKILL, exit 137, ``OOMKilled``), ``crash`` (SIGKILL, reported as
     ``exit_code`` with reason ``Error``), ``image_pull`` (``ErrImagePull`` then ``ImagePullBackOff``,
-    never starts) or ``unschedulable`` (``PodScheduled=False``, never starts). ``hits`` names the pods
-    it was applied to; ``times=None`` applies it to every match.
+    never starts) or ``unschedulable`` (``PodScheduled=False``, never starts). ``oom`` and ``crash``
+    strike once the container has run ``after_seconds`` and written ``after_log_lines`` log lines.
+    ``hits`` names the pods it was applied to; ``times=None`` applies it to every match.
     """
 
     kind: str
@@ -100,6 +101,7 @@ class Fault:
     after_seconds: float = 0.0
     exit_code: int = 1
     message: str | None = None
+    after_log_lines: int = 0
     hits: list[str] = field(default_factory=list)
 
     @property
@@ -161,6 +163,7 @@ def _fault_from_annotations(annotations: Mapping[str, str]) -> Fault | None:
             after_seconds=float(annotations.get(f"{FAULT_ANNOTATION}-after-seconds", "0")),
             exit_code=int(annotations.get(f"{FAULT_ANNOTATION}-exit-code", "1")),
             message=annotations.get(f"{FAULT_ANNOTATION}-message"),
+            after_log_lines=int(annotations.get(f"{FAULT_ANNOTATION}-after-log-lines", "0")),
         )
     except ValueError as e:
         raise ApiError.bad_request(f"fault annotations: {e}") from e

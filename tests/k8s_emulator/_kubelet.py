@@ -619,7 +619,11 @@ class Kubelet:
             if kill_reason is None:
                 deadline = record.obj["spec"].get("activeDeadlineSeconds")  # may be patched while running
                 pod_started = record.started_monotonic or started
-                if fault is not None and now - started >= fault.after_seconds:
+                if (
+                    fault is not None
+                    and now - started >= fault.after_seconds
+                    and len(record.logs[container["name"]]) >= fault.after_log_lines
+                ):
                     kill_reason = fault.kind
                 elif deadline is not None and now - pod_started >= float(deadline):
                     kill_reason = "deadline"

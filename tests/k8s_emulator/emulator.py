@@ -295,14 +295,16 @@ class KubernetesEmulator:
         after_seconds: float = 0.0,
         exit_code: int = 1,
         message: str | None = None,
+        after_log_lines: int = 0,
     ) -> Fault:
         """Make future pods fail: ``oom``, ``crash``, ``image_pull`` or ``unschedulable``.
 
         A fault targets the ``nth`` pod created since the last reset (1-based), and/or pods whose
         labels include ``labels``, and/or whose name starts with ``name_prefix``; it is used for
-        ``times`` pods (None: every match). ``oom``/``crash`` kill the running container after
-        ``after_seconds``; ``crash`` reports ``exit_code``; ``message`` overrides the pull error or
-        scheduling message. Returns the :class:`Fault`; its ``hits`` lists the pods it hit.
+        ``times`` pods (None: every match). ``oom``/``crash`` kill the running container once it
+        has run ``after_seconds`` and written ``after_log_lines`` lines (deterministic under load);
+        ``crash`` reports ``exit_code``; ``message`` overrides the pull error or scheduling message.
+        Returns the :class:`Fault`; its ``hits`` lists the pods it hit.
         """
         fault = Fault(
             kind=kind.replace("-", "_"),
@@ -313,6 +315,7 @@ class KubernetesEmulator:
             after_seconds=after_seconds,
             exit_code=exit_code,
             message=message,
+            after_log_lines=after_log_lines,
         )
         return self.cluster.add_fault(fault)
 
