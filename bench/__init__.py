@@ -1,0 +1,1 @@
+"""Benchmarks of the HPO pipeline: orchestration efficiency, sample efficiency, scale (see README.md)."""
