@@ -1,0 +1,182 @@
+"""Orchestration contenders other than our Airflow pipeline, one per process.
+
+``python -m bench.contenders {optuna,ray,spark} --out result.json ...`` runs N sleeping trials at
+parallelism P and writes ``{available, reason, startup_s, wall_s, timings}``. ``optuna`` runs in the
+project's ``.venv`` (the reference: ``study.optimize(n_jobs=P)`` on the pipeline's storage); ``ray``
+and ``spark`` run in ``.venv-bench``. A contender that cannot be imported or started is reported as
+unavailable with the reason instead of failing the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _sleep_record(config: dict[str, Any], contender: str) -> float:
+    """Self-contained copy of :func:`bench.objectives.timed_sleep` (pickled by value to Ray/Spark)."""
+    import json as _json
+    import os as _os
+    import time as _time
+    import uuid as _uuid
+
+    seconds = float(_os.environ.get("HPO_BENCH_TRIAL_SECONDS", "5"))
+    start = _time.time()
+    _time.sleep(seconds)
+    end = _time.time()
+    folder = _os.environ.get("HPO_BENCH_TIMING_DIR")
+    if folder:
+        _os.makedirs(folder, exist_ok=True)
+        record = {"contender": contender, "pid": _os.getpid(), "start": start, "end": end}
+        with open(_os.path.join(folder, f"{_uuid.uuid4().hex}.json"), "w") as f:
+            f.write(_json.dumps(record))
+    return float(sum((float(v) - 0.3) ** 2 for v in config.values()))
+
+
+def run_optuna(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain Optuna: ``study.optimize(n_jobs=P)`` with the study's own sampler, on the same storage."""
+    import optuna
+
+    from hpo_core.samplers import build_sampler
+    from hpo_core.spec import load_spec
+    from hpo_core.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(args.spec)
+    t0 = time.time()
+    study = optuna.create_study(
+        storage=open_storage(args.storage),
+        study_name=f"bench_plain_optuna_{int(t0)}",
+        sampler=build_sampler(spec, seed=spec.sampler.seed),
+        direction="minimize",
+    )
+    startup = time.time() - t0
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {"x": trial.suggest_float("x", 0, 1), "y": trial.suggest_float("y", 0, 1)}
+        return _sleep_record(params, "optuna")
+
+    t1 = time.time()
+    study.optimize(objective, n_trials=args.trials, n_jobs=args.parallelism)
+    return {"startup_s": startup, "wall_s": time.time() - t1, "started_at": t1}
+
+
+def run_ray(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Tune with its Optuna searcher, P concurrent trials of one CPU each on a local Ray."""
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    t0 = time.time()
+    ray.init(
+        num_cpus=args.parallelism,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in ("HPO_BENCH_TRIAL_SECONDS", "HPO_BENCH_TIMING_DIR")
+                if k in os.environ
+            }
+        },
+    )
+    startup = time.time() - t0
+
+    def trainable(config: dict[str, Any]) -> None:
+        tune.report({"value": _sleep_record(config, "ray")})
+
+    searcher = ConcurrencyLimiter(
+        OptunaSearch(metric="value", mode="min", seed=1), max_concurrent=args.parallelism
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"x": tune.uniform(0, 1), "y": tune.uniform(0, 1)},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=args.trials, max_concurrent_trials=args.parallelism
+        ),
+        run_config=tune.RunConfig(storage_path=str(Path(args.workdir).resolve() / "ray_results"), verbose=0),
+    )
+    t1 = time.time()
+    results = tuner.fit()
+    wall = time.time() - t1
+    errors = sum(1 for r in results if r.error is not None)
+    ray.shutdown()
+    return {"startup_s": startup, "wall_s": wall, "started_at": t1, "errors": errors}
+
+
+def run_spark(args: argparse.Namespace) -> dict[str, Any]:
+    """Hyperopt TPE with SparkTrials(parallelism=P) on a local Spark (``local[P]``)."""
+    import numpy as np
+    from hyperopt import SparkTrials, fmin, hp, tpe
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers need this venv's hyperopt
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    t0 = time.time()
+    spark = (
+        SparkSession.builder.master(f"local[{args.parallelism}]")
+        .appName("hpo-bench")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.local.dir", str(Path(args.workdir).resolve() / "spark-local"))
+        .config("spark.python.worker.reuse", "true")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    trials = SparkTrials(parallelism=args.parallelism, spark_session=spark)
+    startup = time.time() - t0
+
+    def objective(config: dict[str, Any]) -> float:
+        return _sleep_record(config, "spark")
+
+    t1 = time.time()
+    fmin(
+        objective,
+        {"x": hp.uniform("x", 0, 1), "y": hp.uniform("y", 0, 1)},
+        algo=tpe.suggest,
+        max_evals=args.trials,
+        trials=trials,
+        rstate=np.random.default_rng(1),
+        show_progressbar=False,
+    )
+    wall = time.time() - t1
+    spark.stop()
+    return {"startup_s": startup, "wall_s": wall, "started_at": t1}
+
+
+RUNNERS = {"optuna": run_optuna, "ray": run_ray, "spark": run_spark}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one contender and write its result JSON (``available: false`` with the reason on error)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("contender", choices=sorted(RUNNERS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--trials", type=int, required=True)
+    parser.add_argument("--parallelism", type=int, required=True)
+    parser.add_argument("--spec", help="study YAML (optuna: its sampler)")
+    parser.add_argument("--storage", help="Optuna storage URL (optuna)")
+    args = parser.parse_args(argv)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"contender": args.contender, "available": True, "reason": None}
+    try:
+        result.update(RUNNERS[args.contender](args))
+    except Exception as e:
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        result.update(available=False, reason=f"{type(e).__name__}: {first_line}")
+        traceback.print_exc()
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
