@@ -182,7 +182,7 @@ def run_ours(
     """The pipeline's rounds: fresh sampler per round, B distinct asks, evaluate, tell."""
     import optuna
 
-    from hpo_core.engine import _ask_distinct
+    from hpo_core.engine import _ask_distinct, _key
     from hpo_core.samplers import build_sampler
     from hpo_core.space import space_size
 
@@ -201,7 +201,7 @@ def run_ours(
             trial, params = _ask_distinct(study, spec, seen, exhaustible)
             if trial is None:
                 break
-            seen.add(repr(sorted(params.items())))
+            seen.add(_key(params))
             asked.append((trial, params))
         for trial, params in asked:
             value = evaluate(params)
