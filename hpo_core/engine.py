@@ -356,6 +356,10 @@ def suggest_batch(
         when it is empty, why the round is not needed.
     """
     study, spec = load_study(storage_url, study_name, round_number=round_number)
+    if spec.trial.stale_timeout:
+        # Trials whose worker went silent (a run stopped by its timeout, a lost pod) stop counting
+        # as running; their own round's observe would not come back for them.
+        reconcile_trials(study, round_number=None, stale_after=spec.trial.stale_timeout)
     if run_id is None:
         run_id = study.user_attrs.get(ATTR_RUN_ID)
     existing = sorted(
@@ -368,7 +372,7 @@ def suggest_batch(
     )
     if existing:
         log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
-        return [_batch_entry(t.number, t.params, round_number) for t in existing], None
+        return [_batch_entry(t.number, t.params, round_number, spec.name) for t in existing], None
     stop = study.user_attrs.get(ATTR_STOP)
     if stop:
         return [], f"study stopped before round {round_number}: {stop}"
@@ -397,19 +401,20 @@ def suggest_batch(
             "hpo.map_index": index,
         }.items():
             trial.set_user_attr(key, value)
-        batch.append(_batch_entry(trial.number, params, round_number))
+        batch.append(_batch_entry(trial.number, params, round_number, spec.name))
     log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
     if not batch:
         return [], "search space exhausted"
     return batch, None
 
 
-def _batch_entry(number: int, params: Mapping[str, Any], round_number: int) -> dict[str, Any]:
+def _batch_entry(number: int, params: Mapping[str, Any], round_number: int, study: str) -> dict[str, Any]:
     return {
         "trial_number": number,
         "params": dict(params),
         "label": trial_label(number, params),
         "round": round_number,
+        "study": study,
     }
 
 
@@ -513,7 +518,13 @@ def observe_round(
 ) -> dict[str, Any]:
     """Reconcile the round, log its summary to the parent run, and decide whether to go on."""
     study, spec = load_study(deployment.storage_url, study_name, round_number=round_number)
-    closed = reconcile_trials(study, round_number=round_number, task_states=task_states)
+    closed = reconcile_trials(
+        study, round_number=round_number, task_states=task_states, stale_after=spec.trial.stale_timeout
+    )
+    # Runs of trials closed without their worker (here, or by a stale sweep) are still RUNNING.
+    _fail_lost_runs(
+        deployment, study, [t.number for t in trials_of_round(study, round_number) if t.state == TrialState.FAIL]
+    )
     config = run_config(study)
     trials = _counted(_our_trials(study))
     round_trials = [t for t in trials if t.user_attrs.get(T_ROUND) == round_number]
@@ -548,12 +559,48 @@ def observe_round(
     summary["stop_reason"] = _stop_reason(spec, config, counts, best, previous, round_number)
     if summary["stop_reason"] is None:
         summary["stop_reason"] = _deadline_reason(study, spec)
+    already = attrs.get(f"{prefix}{round_number}")
+    unchanged = False
+    if already is not None and _same_summary(already, summary):
+        # observe ran again (cleared or retried) and nothing changed: log nothing twice.
+        unchanged = True
+        summary["reconciled"] = already.get("reconciled", [])
+        log.info("round %d summary unchanged since the last observe", round_number)
     study.set_user_attr(f"{prefix}{round_number}", summary)
     if summary["stop_reason"]:
         study.set_user_attr(ATTR_STOP, summary["stop_reason"])
-    _log_round(deployment, study, summary)
+    if not unchanged:
+        _log_round(deployment, study, summary)
     log.info("round %d summary: %s", round_number, json.dumps(summary, default=str))
     return summary
+
+
+def _same_summary(stored: Mapping[str, Any], summary: Mapping[str, Any]) -> bool:
+    """Whether a stored round summary says the same as a new one (``reconciled`` aside)."""
+
+    def norm(value: Mapping[str, Any]) -> str:
+        data = json.loads(json.dumps(dict(value), default=str))
+        data.pop("reconciled", None)
+        return json.dumps(data, sort_keys=True)
+
+    return norm(stored) == norm(summary)
+
+
+def _fail_lost_runs(deployment: Deployment, study: optuna.Study, numbers: list[int]) -> None:
+    """Close the MLflow child runs that failed trials' lost workers left RUNNING, with the reason."""
+    if not numbers:
+        return
+    from hpo_core import tracking
+
+    mlflow_client = None
+    wanted = set(numbers)
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get(T_MLFLOW_RUN)
+        if t.number not in wanted or not run_id:
+            continue
+        mlflow_client = mlflow_client or tracking.client(deployment)
+        reason = str(t.user_attrs.get(FAIL_REASON, "worker lost"))
+        tracking.fail_trial_run(mlflow_client, run_id, reason=reason, details=f"trial {t.number}: {reason}")
 
 
 def _score_index(spec: StudySpec) -> int:
@@ -668,7 +715,7 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
             (the parent run is closed as FAILED with the reason first).
     """
     study, spec = load_study(deployment.storage_url, study_name)
-    reconcile_trials(study, round_number=spec.budget.max_rounds)
+    _fail_lost_runs(deployment, study, reconcile_trials(study, round_number=spec.budget.max_rounds))
     counts = count_trials(study)
     best = pick_best(study, spec)
     from hpo_core import registry, tracking

@@ -157,3 +157,15 @@ def airflow_db() -> Iterator[Path]:
     if proc.returncode != 0:
         pytest.fail(f"'airflow db migrate' failed in {home}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     yield home
+
+
+def use_dags_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make ``folder`` Airflow's DAG folder for this test.
+
+    ``dag.test()`` re-parses the configured DAG bundle to serialize the DAG it runs; the local
+    bundle reads ``airflow.settings.DAGS_FOLDER``, which Airflow fixes at import time.
+    """
+    import airflow.settings
+
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))
+    monkeypatch.setattr(airflow.settings, "DAGS_FOLDER", str(folder))

@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
 
 __all__ = [
@@ -42,8 +41,6 @@ TRIAL_LABEL_ANNOTATION = "hpo.dev/trial-label"
 POD_DEADLINE_GRACE = 120
 #: The worker image's non-root user (docker/worker/Dockerfile).
 WORKER_UID = 10001
-#: Pulls the study name from the ``start`` task at run time (an identifier, not a secret).
-STUDY_NAME_TEMPLATE = "{{ ti.xcom_pull(task_ids='start')['study_name'] }}"
 
 
 def backend_for(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
@@ -53,12 +50,6 @@ def backend_for(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
     if chosen not in ("local", "kubernetes"):
         raise ValueError(f"{ENV_BACKEND}={chosen!r}: allowed values are 'local' and 'kubernetes'")
     return chosen
-
-
-def label_value(value: object) -> str:
-    """A string made valid as a Kubernetes label value (63 chars of ``[A-Za-z0-9_.-]``)."""
-    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
-    return text[:63].rstrip("-_.") or "none"
 
 
 def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -135,37 +126,38 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
     return settings
 
 
-def trial_pod_overrides(spec: StudySpec, trial: Mapping[str, Any]) -> dict[str, Any]:
+def trial_pod_overrides(trial: Mapping[str, Any]) -> dict[str, Any]:
     """What differs per trial: the worker arguments, and labels/annotations naming the trial.
 
-    The DAG run and the attempt are filled in by templates at run time; KubernetesPodOperator
-    itself adds the dag_id/task_id/run_id/map_index labels it uses to find and reattach pods.
+    Pure and self-contained (Airflow stores its source to map ``suggest``'s output): it reads only
+    the batch entry. The worker takes the trial timeout from the stored spec; the DAG run and the
+    attempt are templates rendered at run time. KubernetesPodOperator adds the dag_id / task_id /
+    run_id / map_index labels it uses to find and reattach pods.
     """
+    import json
+
+    def label_value(value: object) -> str:
+        text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
+        return text[:63].rstrip("-_.") or "none"
+
     number = trial["trial_number"]
     return {
-        "arguments": worker_arguments(
-            study_name=STUDY_NAME_TEMPLATE,
-            trial_number=number,
-            attempt="{{ ti.try_number }}",
-            timeout=spec.trial.execution_timeout,
-        ),
+        "arguments": [
+            "--study-name", "{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
+            "--trial-number", str(number),
+            "--attempt", "{{ ti.try_number }}",
+        ],
         "labels": {
             "app.kubernetes.io/name": "hpo-trial",
             "app.kubernetes.io/managed-by": "airflow",
-            "hpo.dev/study": label_value(spec.name),
+            "hpo.dev/study": label_value(trial.get("study", "")),
             "hpo.dev/trial-number": str(number),
-            "hpo.dev/round": str(trial.get("round", "")) or "none",
+            "hpo.dev/round": label_value(trial.get("round", "")),
         },
         "annotations": {
-            TRIAL_LABEL_ANNOTATION: str(trial["label"]),
-            "hpo.dev/study": spec.name,
+            "hpo.dev/trial-label": str(trial["label"]),
+            "hpo.dev/study": str(trial.get("study", "")),
             "hpo.dev/dag-run": "{{ run_id }}",
-            "hpo.dev/params": _params_text(trial.get("params") or {}),
+            "hpo.dev/params": json.dumps(dict(trial.get("params") or {}), sort_keys=True, default=str)[:4000],
         },
     }
-
-
-def _params_text(params: Mapping[str, Any]) -> str:
-    import json
-
-    return json.dumps(dict(params), sort_keys=True, default=str)[:4000]
