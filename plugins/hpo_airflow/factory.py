@@ -16,6 +16,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TaskGroup, task
 from airflow.sdk import TriggerRule as TR
 
+from hpo_core.errors import StudySpecError
 from hpo_core.spec import StudySpec
 
 from hpo_airflow import _tasks, kubernetes
@@ -86,6 +87,7 @@ def _doc(spec: StudySpec, source: Path | None) -> str:
 
 def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
     """Build the study's DAG. Pure: no database or network access."""
+    _check_schedule(spec, source)
     default_args: dict[str, Any] = {"owner": spec.owner, "retries": 0}
     timeout = dt.timedelta(seconds=spec.budget.timeout) if spec.budget.timeout else None
     with DAG(
@@ -115,6 +117,26 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         finalize = task(task_id="finalize", trigger_rule=TR.ALL_DONE)(_tasks.finalize)(start)
         previous >> finalize
     return dag
+
+
+def _check_schedule(spec: StudySpec, source: Path | None) -> None:
+    """A bad cron expression is this study's error, naming its file, not the whole DAG file's.
+
+    Checked before the DAG exists: a DAG built in a ``with`` block is collected by Airflow even
+    when the loader then refuses it.
+    """
+    if spec.schedule is None or spec.schedule in ("@once", "@continuous"):
+        return
+    from airflow.sdk import CronTriggerTimetable
+    from airflow.sdk.exceptions import AirflowTimetableInvalid
+
+    try:
+        CronTriggerTimetable(spec.schedule, timezone="UTC").validate()
+    except AirflowTimetableInvalid as e:
+        raise StudySpecError(
+            f"{source or spec.dag_id}: schedule: {spec.schedule!r} is not a cron expression or preset "
+            f"({e}); use e.g. '0 3 * * *', '@daily' or null"
+        ) from e
 
 
 def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
