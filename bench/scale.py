@@ -227,9 +227,16 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
             have += chunk
         log(f"suggest: {size} finished trials (insert {time.perf_counter() - t0:.1f}s)")
         results = {}
-        for mode in ("plain", "profiled"):
+        modes = ("plain", "snapshot", "profiled") if size == sizes[-1] else ("plain", "snapshot")
+        for mode in modes:
             round_number += 1
-            args = ["suggest", "--study", name, "--round", str(round_number)]
+            args = [
+                "suggest-snapshot" if mode == "snapshot" else "suggest",
+                "--study",
+                name,
+                "--round",
+                str(round_number),
+            ]
             if mode == "profiled":
                 args += ["--profile", str(work / f"suggest_{size}.prof")]
             res = probe(args, env, logp)
@@ -241,19 +248,17 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
                 )
                 study.tell(number, _synthetic_value(frozen.params))
                 have += 1
-        plain, prof = results["plain"], results["profiled"]
+        plain, prof = results["plain"], results.get("profiled", {})
+        snap = results["snapshot"]
         row: dict[str, Any] = {
             "finished_trials": size,
             **{f"plain_{k}": v for k, v in plain.items() if k != "trial_numbers"},
         }
-        buckets = prof.get("profile_buckets_s") or {}
-        prof_total = prof.get("suggest_s") or 0.0
-        if prof_total:
-            # Shares from the profiled run applied to the plain run's time (cProfile inflates time).
-            shares = {k: v / prof_total for k, v in buckets.items()}
-            shares["other"] = max(0.0, 1 - sum(shares.values()))
-            row["split_s"] = {k: s * plain.get("suggest_s", 0.0) for k, s in shares.items()}
-            row["profiled_suggest_s"] = prof_total
+        row["split_s"] = plain.get("split_s")
+        row["storage_calls"] = plain.get("calls")
+        row["profiled_suggest_s"] = prof.get("suggest_s")
+        row["snapshot_suggest_s"] = snap.get("suggest_s")
+        row["snapshot_split_s"] = snap.get("split_s")
         if "error" in plain:
             row["error"] = plain["error"]
         rows.append(row)
@@ -472,7 +477,7 @@ def report(results: dict[str, Any], out: Path) -> str:
         lines += [
             f"suggest_batch of 32 on PostgreSQL, cold process "
             f"(target < {TARGET_SUGGEST_S:g} s at 10,000 trials); "
-            "split from a cProfile run of the same size:",
+            "time split by timers on Optuna's storage and sampler methods (exclusive):",
             "",
             table(
                 [
@@ -496,6 +501,34 @@ def report(results: dict[str, Any], out: Path) -> str:
                         *(
                             (r.get("split_s") or {}).get(k)
                             for k in ("storage reads", "sampler (TPE)", "storage writes", "other")
+                        ),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+            "For comparison, a prototype of the fix (bench/scale_probe.py suggest-snapshot, not the "
+            "pipeline's code): one read, TPE on an in-memory copy, the batch written back with one "
+            "insert per trial:",
+            "",
+            table(
+                [
+                    "finished trials",
+                    "snapshot s",
+                    "vs suggest_batch",
+                    "storage reads",
+                    "copy to memory",
+                    "sampler (TPE)",
+                    "storage writes",
+                ],
+                [
+                    [
+                        r["finished_trials"],
+                        r.get("snapshot_suggest_s"),
+                        (r.get("snapshot_suggest_s") or math.nan) / (r.get("plain_suggest_s") or math.nan),
+                        *(
+                            (r.get("snapshot_split_s") or {}).get(k)
+                            for k in ("storage reads", "copy to memory", "sampler (TPE)", "storage writes")
                         ),
                     ]
                     for r in rows

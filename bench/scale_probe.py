@@ -20,59 +20,92 @@ from typing import Any
 _T0 = time.perf_counter()
 RESULT_PREFIX = "BENCH_RESULT "
 
-#: Profile buckets: (label, substrings of "file:function" whose cumulative time counts there).
-BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+#: Where suggest's time goes: (bucket, class path, methods). Time is exclusive: a storage read made
+#: inside the sampler counts as a storage read, not as sampler time.
+BUCKETS: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "storage reads",
+        "optuna.storages._rdb.storage:RDBStorage",
         (
-            "_cached_storage.py:get_all_trials",
-            "_rdb/storage.py:get_all_trials",
-            "_rdb/storage.py:get_trial(",
-            "storage.py:get_study_user_attrs",
-        ),
-    ),
-    (
-        "sampler (TPE)",
-        (
-            "tpe/sampler.py:sample_relative",
-            "tpe/sampler.py:sample_independent",
-            "tpe/sampler.py:infer_relative_search_space",
-            "tpe/sampler.py:before_trial",
+            "get_all_trials",
+            "_get_trials",
+            "get_trial",
+            "get_study_user_attrs",
+            "get_study_system_attrs",
+            "get_study_id_from_name",
+            "get_study_directions",
+            "get_trial_id_from_study_id_trial_number",
+            "get_trial_user_attrs",
+            "get_trial_system_attrs",
+            "get_trial_param",
         ),
     ),
     (
         "storage writes",
+        "optuna.storages._rdb.storage:RDBStorage",
         (
-            "storage.py:create_new_trial",
-            "storage.py:set_trial_user_attr",
-            "storage.py:set_trial_param",
-            "storage.py:set_trial_system_attr",
+            "create_new_trial",
+            "set_trial_param",
+            "set_trial_user_attr",
+            "set_trial_system_attr",
+            "set_trial_state_values",
+            "set_study_user_attr",
+            "set_study_system_attr",
+        ),
+    ),
+    (
+        "sampler (TPE)",
+        "optuna.samplers._tpe.sampler:TPESampler",
+        (
+            "infer_relative_search_space",
+            "sample_relative",
+            "sample_independent",
+            "before_trial",
+            "after_trial",
         ),
     ),
 ]
 
 
+class _Timers:
+    """Exclusive time per bucket, by wrapping the bucket's methods (outermost call of a bucket counts)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = dict.fromkeys([b for b, _, _ in BUCKETS], 0.0)
+        self.calls: dict[str, int] = dict.fromkeys(self.totals, 0)
+        self._stack: list[list[Any]] = []
+
+    def install(self) -> None:
+        import importlib
+
+        for bucket, path, methods in BUCKETS:
+            module_name, _, class_name = path.partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            for name in methods:
+                if hasattr(cls, name):
+                    setattr(cls, name, self._wrap(bucket, getattr(cls, name)))
+
+    def _wrap(self, bucket: str, func: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._stack and self._stack[-1][0] == bucket:
+                return func(*args, **kwargs)
+            frame = [bucket, time.perf_counter(), 0.0]
+            self._stack.append(frame)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                elapsed = time.perf_counter() - frame[1]
+                self.totals[bucket] += elapsed - frame[2]
+                self.calls[bucket] += 1
+                if self._stack:
+                    self._stack[-1][2] += elapsed
+
+        return wrapper
+
+
 def _emit(data: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(data, default=str), flush=True)
-
-
-def _bucket_times(profile: Any) -> dict[str, float]:
-    """Cumulative seconds per bucket, counting only outermost calls (no double counting)."""
-    import pstats
-
-    stats = pstats.Stats(profile)
-    raw = stats.stats  # type: ignore[attr-defined]
-    out: dict[str, float] = {}
-    for label, needles in BUCKETS:
-        keys = {k for k in raw if any(n in f"{k[0]}:{k[2]}(" or n in f"{k[0]}:{k[2]}" for n in needles)}
-        total = 0.0
-        for key in keys:
-            _cc, _nc, _tt, ct, callers = raw[key]
-            # Subtract the time of calls made from another matched function of the same bucket.
-            nested = sum(v[3] for caller, v in callers.items() if caller in keys)
-            total += max(0.0, ct - nested)
-        out[label] = total
-    return out
 
 
 def probe_suggest(args: argparse.Namespace) -> None:
@@ -81,6 +114,8 @@ def probe_suggest(args: argparse.Namespace) -> None:
     from hpo_core import engine
 
     imported = time.perf_counter()
+    timers = _Timers()
+    timers.install()
     profile = None
     if args.profile:
         import cProfile
@@ -103,12 +138,101 @@ def probe_suggest(args: argparse.Namespace) -> None:
         "batch": len(batch),
         "skip_reason": reason,
         "trial_numbers": [b["trial_number"] for b in batch],
+        "split_s": {**timers.totals, "other": elapsed - sum(timers.totals.values())},
+        "calls": timers.calls,
     }
     if profile is not None:
         profile.disable()
         profile.dump_stats(args.profile)
-        result["profile_buckets_s"] = _bucket_times(args.profile)
     _emit(result)
+
+
+def probe_suggest_snapshot(args: argparse.Namespace) -> None:
+    """Prototype of a fix, for comparison: the same batch asked against an in-memory snapshot.
+
+    One read of the study's trials, TPE asks on an in-memory copy (constant liar sees the batch),
+    then the batch written back as RUNNING trials, one insert each. Nothing here is the pipeline's
+    code path; it shows how much of ``suggest_batch`` is storage round trips and how much is TPE.
+    """
+    import datetime as dt
+
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
+
+    from hpo_core import engine
+    from hpo_core.samplers import build_sampler
+    from hpo_core.space import space_size
+    from hpo_core.spec import spec_from_json
+    from hpo_core.storage import open_storage
+
+    imported = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
+    storage = open_storage(os.environ["HPO_STORAGE_URL"])
+    study_id = storage.get_study_id_from_name(args.study)
+    attrs = storage.get_study_user_attrs(study_id)
+    spec = spec_from_json(attrs[engine.ATTR_SPEC])
+    config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    t_read = time.perf_counter()
+    memory = optuna.storages.InMemoryStorage()
+    directions = [
+        optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+        for d in spec.all_directions
+    ]
+    mem_id = memory.create_new_study(directions, "m")
+    for t in trials:
+        memory.create_new_trial(mem_id, template_trial=t)
+    t_copy = time.perf_counter()
+    sampler = build_sampler(spec, seed=config.seed, options=config.sampler_options, round_number=args.round)
+    study = optuna.load_study(study_name="m", storage=memory, sampler=sampler)
+    seen: set[str] = set()
+    batch = []
+    for _ in range(32):
+        trial, params = engine._ask_distinct(study, spec, seen, space_size(spec))
+        if trial is None:
+            break
+        seen.add(engine._key(params))
+        batch.append((params, dict(trial.distributions)))
+    t_sample = time.perf_counter()
+    numbers = []
+    for index, (params, dists) in enumerate(batch):
+        template = FrozenTrial(
+            number=-1,
+            trial_id=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            values=None,
+            datetime_start=dt.datetime.now(),
+            datetime_complete=None,
+            params=params,
+            distributions=dists,
+            user_attrs={
+                engine.T_ROUND: args.round,
+                engine.T_BATCH_INDEX: index,
+                "hpo.map_index": index,
+                "hpo.dag_id": "hpo_bench_scale",
+                "hpo.run_id": "bench",
+            },
+            system_attrs={},
+            intermediate_values={},
+        )
+        numbers.append(storage.get_trial(storage.create_new_trial(study_id, template_trial=template)).number)
+    t_write = time.perf_counter()
+    _emit(
+        {
+            "import_s": imported - _T0,
+            "suggest_s": t_write - t0,
+            "split_s": {
+                "storage reads": t_read - t0,
+                "copy to memory": t_copy - t_read,
+                "sampler (TPE)": t_sample - t_copy,
+                "storage writes": t_write - t_sample,
+            },
+            "batch": len(batch),
+            "trial_numbers": numbers,
+        }
+    )
 
 
 def probe_parse(args: argparse.Namespace) -> None:
@@ -181,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--study", required=True)
     s.add_argument("--round", type=int, required=True)
     s.add_argument("--profile")
+    f = sub.add_parser("suggest-snapshot")
+    f.add_argument("--study", required=True)
+    f.add_argument("--round", type=int, required=True)
     p = sub.add_parser("parse")
     p.add_argument("--dags", required=True)
     d = sub.add_parser("dagtest")
@@ -188,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dag-id", required=True)
     d.add_argument("--mark-success", default="", help="regex of task ids marked success, not run")
     args = parser.parse_args(argv)
-    {"suggest": probe_suggest, "parse": probe_parse, "dagtest": probe_dagtest}[args.probe](args)
+    probes = {
+        "suggest": probe_suggest,
+        "suggest-snapshot": probe_suggest_snapshot,
+        "parse": probe_parse,
+        "dagtest": probe_dagtest,
+    }
+    probes[args.probe](args)
     return 0
 
 
