@@ -61,3 +61,24 @@ def optuna_undeclared(trial: optuna.Trial) -> float:
     x = trial.suggest_float("x", -5, 5)
     depth = trial.suggest_int("depth", 1, 10)
     return x + depth
+
+
+def recorded(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Writes one JSON file per evaluation under $HPO_TEST_EVALUATIONS, so a test can count them.
+
+    Sleeps $HPO_TEST_EVAL_SECONDS (default 1) so that concurrent workers overlap, and fails the
+    trial numbers listed in $HPO_TEST_FAIL_TRIALS (comma-separated); their replacements succeed.
+    """
+    import json
+    import uuid
+
+    started = time.time()
+    time.sleep(float(os.environ.get("HPO_TEST_EVAL_SECONDS", "1")))
+    record = {"number": ctx.number, "params": params, "start": started, "end": time.time()}
+    folder = Path(os.environ["HPO_TEST_EVALUATIONS"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{ctx.number}.{uuid.uuid4().hex}.json").write_text(json.dumps(record))
+    failing = {int(n) for n in os.environ.get("HPO_TEST_FAIL_TRIALS", "").split(",") if n}
+    if ctx.number in failing:
+        raise RuntimeError(f"trial {ctx.number} fails on purpose")
+    return quadratic_value(params)
