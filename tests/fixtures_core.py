@@ -128,12 +128,21 @@ def run_worker(
     extra_env: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any] | None, str]:
     """Run ``python -m hpo_core.worker`` for one trial; return (exit code, HPO_RESULT, output)."""
-    cmd = [sys.executable, "-m", "hpo_core.worker", "--study-name", study_name,
-           "--trial-number", str(trial_number), "--attempt", str(attempt)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpo_core.worker",
+        "--study-name",
+        study_name,
+        "--trial-number",
+        str(trial_number),
+        "--attempt",
+        str(attempt),
+    ]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
     proc = subprocess.run(
-        cmd, env=worker_env(deployment, **(extra_env or {})), capture_output=True, text=True, timeout=300
+        cmd, env=worker_env(deployment, **(extra_env or {})), capture_output=True, text=True, timeout=300, check=False
     )
     output = proc.stdout + proc.stderr
     result = None
@@ -149,6 +158,7 @@ def airflow_db() -> Iterator[Path]:
     home = Path(os.environ["AIRFLOW_HOME"])
     proc = subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=600,

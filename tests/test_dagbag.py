@@ -76,6 +76,7 @@ def test_duplicate_study_names_are_refused(tmp_path: Path) -> None:
 
 def test_strict_mode_raises(tmp_path: Path) -> None:
     from hpo_airflow import load_study_dags
+
     from hpo_core.errors import StudySpecError
 
     write_study(tmp_path, "name: [", filename="bad.yaml")
@@ -111,6 +112,7 @@ def test_parsing_opens_no_database_or_network_connection(
 
 def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
     from hpo_airflow import build_study_dag
+
     from hpo_core.spec import validate_mapping
 
     data = study_mapping(schedule="@daily")
@@ -129,7 +131,10 @@ def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
     assert evaluate.retries == 3
     assert evaluate.retry_delay.total_seconds() == 7
     assert evaluate.execution_timeout.total_seconds() == 45 + 60  # worker timeout plus grace
-    assert evaluate.map_index_template == "{{ hpo_trial_label }}"
+    # Named from the task's own argument: rendered before the trial runs, so it stays when it is killed.
+    assert evaluate.map_index_template == "{{ task.op_kwargs['trial']['label'] }}"
+    assert dag.get_task("round_1.observe").retries == 1  # control tasks are idempotent: one retry
+    assert dag.deadline is None  # no alerts section, no deadline alert
     assert dag.get_task("round_1.observe").trigger_rule == "all_done"
     assert dag.get_task("finalize").trigger_rule == "all_done"
     assert dag.dagrun_timeout.total_seconds() == 900
@@ -138,11 +143,45 @@ def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
     assert dag.get_task("round_2.suggest").upstream_task_ids == {"round_1.observe", "start"}
 
 
+def test_alerts_section_attaches_a_deadline_alert_with_identifiers_only() -> None:
+    from airflow.sdk.definitions.deadline import DeadlineReference
+    from hpo_airflow import build_study_dag
+    from hpo_airflow.alerts import connection_url, deadline_message
+
+    from tests.fixtures_core import make_spec
+
+    alerts = {"deadline_seconds": 600, "callback": "webhook", "webhook_conn_id": "hpo_alerts"}
+    (alert,) = build_study_dag(make_spec(alerts=alerts)).deadline
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert alert.interval.total_seconds() == 600
+    assert alert.callback.path == "hpo_airflow.alerts.notify_webhook"
+    assert alert.callback.kwargs == {"study": "quadratic", "deadline_seconds": 600, "conn_id": "hpo_alerts"}
+    (logged,) = build_study_dag(make_spec(alerts={"deadline_seconds": 5})).deadline
+    assert logged.callback.path == "hpo_airflow.alerts.log_deadline_missed"
+
+    assert connection_url("https://hooks.example/T/B/x", port=None, schema=None, extra={}) == (
+        "https://hooks.example/T/B/x"
+    )
+    assert connection_url("alerts.local", port=8080, schema="http", extra={"endpoint": "/hpo"}) == (
+        "http://alerts.local:8080/hpo"
+    )
+    context = {"dag_run": {"dag_id": "hpo_quadratic", "dag_run_id": "manual__1", "state": "running"}}
+    message = deadline_message(study="quadratic", deadline_seconds=600, context=context)
+    assert (message["dag_id"], message["run_id"], message["event"]) == (
+        "hpo_quadratic",
+        "manual__1",
+        "hpo.deadline_missed",
+    )
+    assert message["text"] == (
+        "HPO study quadratic: DAG run hpo_quadratic / manual__1 is still running 600s after it was queued"
+    )
+
+
 def test_trigger_params_are_bounded_by_the_spec() -> None:
     from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import ParamValidationError
-
     from hpo_airflow import study_params
+
     from tests.fixtures_core import make_spec
 
     spec = make_spec()  # max_rounds 3, max_batch_size 4

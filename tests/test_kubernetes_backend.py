@@ -65,8 +65,8 @@ class _TI:
 
 def _operator(monkeypatch: pytest.MonkeyPatch, **worker_changes: Any) -> Any:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
     from hpo_airflow.kubernetes import trial_pod_overrides, trial_pod_settings
+
     from hpo_core.spec import validate_mapping
 
     # Secrets present in the Airflow environment must never leak into the pod.
@@ -80,7 +80,9 @@ def _operator(monkeypatch: pytest.MonkeyPatch, **worker_changes: Any) -> Any:
         "round": 3,
         "study": "quadratic",
     }
-    op = KubernetesPodOperator(task_id="evaluate", **trial_pod_settings(spec, env={}), **trial_pod_overrides(trial))
+    op = KubernetesPodOperator(
+        task_id="evaluate", **trial_pod_settings(spec, env={}), **trial_pod_overrides(trial)
+    )
     context: dict[str, Any] = {"ti": _TI(), "run_id": _TI.run_id, "task": op, "dag": None}
     op.render_template_fields(context)
     return op, spec, context
@@ -138,7 +140,9 @@ def test_no_secret_in_the_pod_or_the_templated_fields(monkeypatch: pytest.Monkey
     from kubernetes.client import ApiClient
 
     op, _, context = _operator(monkeypatch)
-    rendered = json.dumps(ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context, dry_run=True)))
+    rendered = json.dumps(
+        ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context, dry_run=True))
+    )
     templated = json.dumps({f: repr(getattr(op, f)) for f in op.template_fields})
     for secret in SECRET_VALUES.values():
         assert secret not in rendered
@@ -161,6 +165,7 @@ def test_pod_template_file_from_the_spec(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_pool_and_concurrency_limits_reach_the_mapped_task(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpo_airflow import build_study_dag
+
     from hpo_core.spec import validate_mapping
 
     monkeypatch.delenv("HPO_WORKER_BACKEND", raising=False)
@@ -174,6 +179,7 @@ def test_pool_and_concurrency_limits_reach_the_mapped_task(monkeypatch: pytest.M
 
 def test_backend_is_overridable_per_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpo_airflow import build_study_dag
+
     from hpo_core.spec import validate_mapping
 
     spec = validate_mapping(study_mapping(), source="<test>")  # worker.backend: local
@@ -279,7 +285,11 @@ def test_pod_faults_fail_the_trial_task_then_the_retry_succeeds(
     assert engine.T_RETRY_OF not in trial.user_attrs
     out, err = capfd.readouterr()
     assert expected_reason in out + err
-    tis = {(ti.map_index, ti.try_number): ti.state for ti in dag_run.get_task_instances() if "evaluate" in ti.task_id}
+    tis = {
+        (ti.map_index, ti.try_number): ti.state
+        for ti in dag_run.get_task_instances()
+        if "evaluate" in ti.task_id
+    }
     assert max(try_number for _, try_number in tis) == 2  # the failed attempt was retried per the spec
 
 

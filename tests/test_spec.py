@@ -92,7 +92,8 @@ INVALID: list[tuple[str, dict[str, Any] | str, str]] = [
     (
         "unknown_sampler",
         _with("sampler", {"type": "anneal"}),
-        "sampler.type: 'anneal' is not allowed; allowed: 'tpe', 'random', 'grid', 'cmaes', 'gp', 'qmc' or 'nsga2'",
+        "sampler.type: 'anneal' is not allowed; "
+        "allowed: 'tpe', 'random', 'grid', 'cmaes', 'gp', 'qmc' or 'nsga2'",
     ),
     (
         "budget_does_not_fit_rounds",
@@ -136,9 +137,25 @@ INVALID: list[tuple[str, dict[str, Any] | str, str]] = [
         _with("name", "9lives"),
         "name: '9lives' must start with a letter and use only letters, digits and underscores (at most 64)",
     ),
-    ("not_yaml", "name: [unclosed", "not valid YAML (line 1, column 16): expected ',' or ']', but got '<stream end>'"),
+    (
+        "not_yaml",
+        "name: [unclosed",
+        "not valid YAML (line 1, column 16): expected ',' or ']', but got '<stream end>'",
+    ),
     ("yaml_list", "- a\n- b\n", "a study file must be a mapping of fields (name, objective, ...), got list"),
     ("empty_file", "", "the file is empty; a study needs name, objective, budget, ..."),
+    (
+        "webhook_without_target",
+        _with("alerts", {"deadline_seconds": 600, "callback": "webhook"}),
+        "alerts.callback: 'webhook' needs exactly one of 'webhook_url_env' (an environment variable "
+        "holding the URL) or 'webhook_conn_id' (an Airflow connection); never the URL itself",
+    ),
+    (
+        "webhook_url_in_the_file",
+        _with("alerts", {"deadline_seconds": 600, "callback": "webhook", "webhook_url_env": "https://h/x"}),
+        "alerts.webhook_url_env: 'https://h/x' must name an environment variable that holds the URL "
+        "(e.g. HPO_ALERT_WEBHOOK_URL), not the URL itself",
+    ),
 ]
 
 

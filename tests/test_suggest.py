@@ -16,7 +16,9 @@ from tests.fixtures_core import make_spec
 
 
 def _suggest(deployment: Deployment, name: str, round_number: int) -> tuple[list[dict], str | None]:
-    return engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=round_number)
+    return engine.suggest_batch(
+        storage_url=deployment.storage_url, study_name=name, round_number=round_number
+    )
 
 
 def test_batch_has_requested_size_and_distinct_configs(
@@ -101,7 +103,9 @@ def test_small_discrete_space_is_exhausted_without_duplicates(
     assert counts.counted == 4 and counts.failed == 0  # discarded draws never count
 
 
-def test_grid_sampler_walks_the_grid(local_deployment: Deployment, start_toy_study: Callable[..., str]) -> None:
+def test_grid_sampler_walks_the_grid(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
     space = {
         "x": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5},
         "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
@@ -121,7 +125,10 @@ def test_grid_sampler_walks_the_grid(local_deployment: Deployment, start_toy_stu
 def test_every_single_objective_sampler_suggests_a_batch(
     local_deployment: Deployment, start_toy_study: Callable[..., str], sampler: str
 ) -> None:
-    space = {"x": {"type": "float", "low": -5.0, "high": 5.0}, "y": {"type": "float", "low": -5.0, "high": 5.0}}
+    space = {
+        "x": {"type": "float", "low": -5.0, "high": 5.0},
+        "y": {"type": "float", "low": -5.0, "high": 5.0},
+    }
     name = start_toy_study(search_space=space, sampler={"type": sampler, "seed": 11})
     batch, _ = _suggest(local_deployment, name, 1)
     assert len(batch) == 3

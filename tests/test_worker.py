@@ -32,7 +32,9 @@ def _trial(deployment: Deployment, name: str, number: int) -> optuna.trial.Froze
 def _child_runs(deployment: Deployment, name: str) -> list[Any]:
     client = mlflow.MlflowClient(tracking_uri=deployment.tracking_uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(exps, filter_string=f"tags.`hpo.study` = '{name}' and tags.`hpo.role` = 'trial'")
+    return client.search_runs(
+        exps, filter_string=f"tags.`hpo.study` = '{name}' and tags.`hpo.role` = 'trial'"
+    )
 
 
 def test_worker_completes_a_trial_and_logs_a_child_run(
@@ -156,7 +158,9 @@ def test_retry_takes_over_a_trial_left_running(
     name, n = _one_trial(local_deployment, start_toy_study)
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
     trial_id = next(t._trial_id for t in study.trials if t.number == n)
-    study._storage.set_trial_user_attr(trial_id, "hpo.worker", {"pid": 999999, "attempt": 1})  # a dead attempt
+    study._storage.set_trial_user_attr(
+        trial_id, "hpo.worker", {"pid": 999999, "attempt": 1}
+    )  # a dead attempt
     code, result, output = run_worker(local_deployment, name, n, attempt=2)
     assert code == 0, output
     assert result is not None and result["trial_number"] == n and result["retry_of"] is None
@@ -167,8 +171,10 @@ def test_retry_takes_over_a_trial_left_running(
 def test_hung_objective_hits_the_trial_timeout(
     local_deployment: Deployment, start_toy_study: Callable[..., str]
 ) -> None:
-    name, n = _one_trial(local_deployment, start_toy_study, objective="tests.objectives:hangs", search_space=X_ONLY)
-    code, result, output = run_worker(local_deployment, name, n, timeout=2)
+    name, n = _one_trial(
+        local_deployment, start_toy_study, objective="tests.objectives:hangs", search_space=X_ONLY
+    )
+    code, _, output = run_worker(local_deployment, name, n, timeout=2)
     assert code == 1, output
     trial = _trial(local_deployment, name, n)
     assert trial.state == TrialState.FAIL

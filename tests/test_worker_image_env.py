@@ -71,13 +71,17 @@ def test_worker_venv_runs_a_trial_of_the_example(
 ) -> None:
     for key, value in mlflow_server.env().items():
         monkeypatch.setenv(key, value)
-    deployment = Deployment(storage_url=create_database("hpo_worker_env"), tracking_uri=mlflow_server.tracking_uri)
+    deployment = Deployment(
+        storage_url=create_database("hpo_worker_env"), tracking_uri=mlflow_server.tracking_uri
+    )
     from hpo_core.spec import load_spec
 
     spec = load_spec(ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml")
     spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 1, "batch_size": 1})})
     started = engine.start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__image_env")
-    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=started["study_name"], round_number=1)
+    batch, _ = engine.suggest_batch(
+        storage_url=deployment.storage_url, study_name=started["study_name"], round_number=1
+    )
 
     app = tmp_path / "app"  # what the image holds: /app/hpo_core and nothing else of the repo
     shutil.copytree(ROOT / "hpo_core", app / "hpo_core", ignore=shutil.ignore_patterns("__pycache__"))
@@ -94,7 +98,9 @@ def test_worker_venv_runs_a_trial_of_the_example(
         cwd=app, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("HPO_RESULT ")).split(" ", 1)[1])
+    result = json.loads(
+        next(x for x in proc.stdout.splitlines() if x.startswith("HPO_RESULT ")).split(" ", 1)[1]
+    )
     assert result["state"] in ("COMPLETE", "PRUNED")
     study = optuna.load_study(study_name=started["study_name"], storage=deployment.storage_url)
     (trial,) = [t for t in study.trials if t.number == batch[0]["trial_number"]]
