@@ -142,7 +142,12 @@ def run_worker(
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
     proc = subprocess.run(
-        cmd, env=worker_env(deployment, **(extra_env or {})), capture_output=True, text=True, timeout=300, check=False
+        cmd,
+        env=worker_env(deployment, **(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     output = proc.stdout + proc.stderr
     result = None
