@@ -108,7 +108,7 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
     enqueued = warm["enqueued"]
     assert enqueued[0]["source"] == f"champion {MODEL} version 1"
     assert enqueued[1]["source"].startswith(f"top 2 of study {names[0]}")
-    ranked = sorted((t for t in first.trials if t.value is not None), key=lambda t: -t.value)
+    ranked = sorted((t for t in first.trials if t.value is not None), key=lambda t: -float(t.value or 0))
     assert [e["params"] for e in enqueued] == [ranked[0].params, ranked[1].params]
     trials = sorted(second.trials, key=lambda t: t.number)
     assert [t.params for t in trials[: len(enqueued)]] == [e["params"] for e in enqueued]
