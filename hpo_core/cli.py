@@ -1,4 +1,5 @@
-"""Command line: ``hpo summary`` (what a study run produced), ``hpo validate`` (check study files)."""
+"""Command line: ``hpo summary`` (what a study run produced), ``hpo validate`` (check study files),
+``hpo storage upgrade`` (migrate the Optuna storage after an Optuna upgrade)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_storage_upgrade(args: argparse.Namespace) -> int:
+    """``hpo storage upgrade``: the schema-upgrade step after an Optuna upgrade (idempotent)."""
+    import optuna
+
+    from hpo_core.deployment import redact_url
+    from hpo_core.storage import upgrade_schema
+
+    url = Deployment.from_env().storage_url
+    before, after = upgrade_schema(url)
+    if before is None:
+        outcome = f"tables created at schema {after}"
+    elif before == after:
+        outcome = f"schema {after} is current"
+    else:
+        outcome = f"schema upgraded {before} -> {after}"
+    print(f"Optuna storage {redact_url(url)}: {outcome} (Optuna {optuna.__version__})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hpo`` argument parser (subcommands are added by other modules too)."""
     parser = argparse.ArgumentParser(prog="hpo", description="HPO pipeline command line")
@@ -128,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate study files")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=_cmd_validate)
+    storage = sub.add_parser("storage", help="maintain the Optuna storage ($HPO_STORAGE_URL)")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True)
+    upgrade = storage_sub.add_parser(
+        "upgrade", help="migrate the storage's tables to the installed Optuna's schema (after an upgrade)"
+    )
+    upgrade.set_defaults(func=_cmd_storage_upgrade)
     from hpo_core import promotion
 
     promotion.add_cli_commands(sub)

@@ -19,7 +19,7 @@ import sqlalchemy
 from hpo_core.deployment import redact_url
 from hpo_core.errors import StorageConfigError
 
-__all__ = ["TrialClaim", "engine_kwargs", "open_storage"]
+__all__ = ["TrialClaim", "engine_kwargs", "open_storage", "upgrade_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     """SQLAlchemy engine options for ``url``.
 
     PostgreSQL: pre-ping (a restarted server or a dropped connection is noticed before use),
-    a small pool (each worker is one short process), connection and statement timeouts.
+    a small pool (each worker is one short process), connection and statement timeouts, and TCP
+    keepalives on both ends, so that the server drops the session (and the trial claim it holds)
+    of a worker whose node or network vanished within about a minute instead of hours.
     SQLite: a long busy timeout, since several local workers may write at once.
     """
     if url.startswith("sqlite"):
@@ -46,7 +48,14 @@ def engine_kwargs(url: str) -> dict[str, Any]:
             "connect_args": {
                 "connect_timeout": 10,
                 "application_name": "hpo",
-                "options": "-c statement_timeout=60000",
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "options": (
+                    "-c statement_timeout=60000 -c tcp_keepalives_idle=30 "
+                    "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+                ),
             },
         }
     return {"pool_pre_ping": True}
@@ -64,11 +73,53 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             try:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
             except Exception as e:  # SQLAlchemy raises many types; convert at the boundary
+                hint = "; run 'hpo storage upgrade' (see README)" if "storage upgrade" in str(e) else ""
                 raise StorageConfigError(
-                    f"cannot open Optuna storage {redact_url(url)}: {type(e).__name__}: {e}"
+                    f"cannot open Optuna storage {redact_url(url)}: {type(e).__name__}: {e}{hint}"
                 ) from e
             _cache[url] = storage
         return storage
+
+
+def upgrade_schema(url: str) -> tuple[str | None, str]:
+    """Bring the storage's tables to the schema of the installed Optuna (its alembic migrations).
+
+    Run it once after upgrading Optuna, before any worker of the new version starts (they refuse
+    an outdated schema). Idempotent; on an empty database it creates the tables.
+
+    Returns:
+        ``(version before, version after)``; before is ``None`` when the tables were created.
+
+    Raises:
+        StorageConfigError: the database cannot be reached, or its schema is newer than this Optuna.
+    """
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
+        try:
+            exists = sqlalchemy.inspect(engine).has_table("version_info")
+        finally:
+            engine.dispose()
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs(url), skip_compatibility_check=True, skip_table_creation=exists
+        )
+    except Exception as e:  # SQLAlchemy raises many types; convert at the boundary
+        raise StorageConfigError(
+            f"cannot open Optuna storage {redact_url(url)}: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        before = storage.get_current_version() if exists else None
+        head = storage.get_head_version()
+        if before is not None and before != head:
+            if before not in storage.get_all_versions():
+                raise StorageConfigError(
+                    f"Optuna storage {redact_url(url)} has schema {before}, newer than this Optuna "
+                    f"{optuna.__version__} knows (head {head}); upgrade Optuna instead"
+                )
+            log.info("upgrading Optuna storage %s from schema %s to %s", redact_url(url), before, head)
+            storage.upgrade()
+        return before, storage.get_current_version()
+    finally:
+        storage.engine.dispose()
 
 
 #: First key of the two-key PostgreSQL advisory locks that claim trials ("HPO1").
