@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -788,6 +789,15 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
     return result
 
 
+def _worker_image(spec: StudySpec, best: FrozenTrial) -> str | None:
+    """The image the best trial ran in, when known: recorded by the trial, else the pod image."""
+    if best.user_attrs.get("hpo.worker_image"):
+        return str(best.user_attrs["hpo.worker_image"])
+    if (os.environ.get("HPO_WORKER_BACKEND") or spec.worker.backend) != "kubernetes":
+        return None
+    return spec.worker.image or os.environ.get("HPO_WORKER_IMAGE") or None
+
+
 def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dict[str, str]:
     """Tags that prove where a registered version came from."""
     tags = {
@@ -803,11 +813,9 @@ def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dic
     }
     for key, value in (best.user_attrs.get(T_LINEAGE) or {}).items():
         tags[f"hpo.{key}"] = str(value)
-    image = best.user_attrs.get("hpo.worker_image") or (
-        spec.worker.image if spec.worker.backend == "kubernetes" else None
-    )
+    image = _worker_image(spec, best)
     if image:
-        tags["hpo.worker_image"] = str(image)
+        tags["hpo.worker_image"] = image
     if best.user_attrs.get(warmstart.T_WARM_START):
         tags["hpo.warm_start"] = str(best.user_attrs[warmstart.T_WARM_START])
     return tags
