@@ -33,6 +33,7 @@ class TrialContext:
         seed: int,
         round_number: int,
         mlflow_run_id: str | None,
+        attempt: int = 1,
     ) -> None:
         self._trial = trial
         self.spec = spec
@@ -40,6 +41,8 @@ class TrialContext:
         self.seed = seed
         self.round = round_number
         self.mlflow_run_id = mlflow_run_id
+        #: Airflow try number of this evaluation (2 or more: an automatic retry or a manual clear).
+        self.attempt = attempt
         self.model_uri: str | None = None
         self.lineage: dict[str, str] = {}
 

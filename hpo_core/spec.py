@@ -28,6 +28,7 @@ from pydantic import (
 from hpo_core.errors import StudySpecError
 
 __all__ = [
+    "AlertsSpec",
     "BudgetSpec",
     "CategoricalParam",
     "Condition",
@@ -295,6 +296,37 @@ class PromotionSpec(_Frozen):
     direction: Literal["minimize", "maximize"] | None = None
 
 
+class AlertsSpec(_Frozen):
+    """A deadline alert: a study run still going ``deadline_seconds`` after it was queued notifies.
+
+    ``callback: log`` writes a warning to the Airflow triggerer's log; ``callback: webhook`` POSTs
+    a JSON message to the URL in the environment variable ``webhook_url_env`` or in the Airflow
+    connection ``webhook_conn_id``. The URL itself (it often carries a token) never goes here.
+    Deadline alerts need a running scheduler and triggerer; ``airflow dags test`` does not run them.
+    """
+
+    deadline_seconds: int = Field(gt=0, description="seconds after the run was queued")
+    callback: Literal["log", "webhook"] = "log"
+    webhook_url_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    webhook_conn_id: str | None = Field(default=None, min_length=1, max_length=250)
+
+    @model_validator(mode="after")
+    def _target(self) -> AlertsSpec:
+        given = [v for v in (self.webhook_url_env, self.webhook_conn_id) if v]
+        if self.callback == "webhook" and len(given) != 1:
+            raise _at(
+                "callback",
+                "webhook",
+                "needs exactly one of 'webhook_url_env' (an environment variable holding the URL) "
+                "or 'webhook_conn_id' (an Airflow connection); never the URL itself",
+            )
+        if self.callback == "log" and given:
+            raise _at(
+                "callback", "log", "ignores 'webhook_url_env' / 'webhook_conn_id'; use callback: webhook"
+            )
+        return self
+
+
 class StudySpec(_Frozen):
     """A validated study definition."""
 
@@ -320,6 +352,7 @@ class StudySpec(_Frozen):
     warm_start: WarmStartSpec = WarmStartSpec()
     promotion: PromotionSpec = PromotionSpec()
     worker: WorkerSpec = WorkerSpec()
+    alerts: AlertsSpec | None = None
 
     @field_validator("search_space")
     @classmethod
@@ -589,6 +622,8 @@ _PATTERN_HINTS = {
     "name": "must start with a letter and use only letters, digits and underscores (at most 64)",
     "objective": "is not an import path; write it as 'package.module:function'",
     "space_function": "is not an import path; write it as 'package.module:function'",
+    "webhook_url_env": "must name an environment variable that holds the URL (e.g. HPO_ALERT_WEBHOOK_URL), "
+    "not the URL itself",
 }
 
 

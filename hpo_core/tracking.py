@@ -11,9 +11,13 @@ from hpo_core.deployment import Deployment
 __all__ = [
     "client",
     "ensure_experiment",
+    "fail_trial_run",
     "find_or_create_parent_run",
     "flat_params",
 ]
+
+#: Artifact of a failed trial's child run: params, reason and traceback.
+ERROR_ARTIFACT = "error.txt"
 
 
 def client(deployment: Deployment) -> Any:
@@ -87,3 +91,27 @@ def flat_params(params: Mapping[str, Any]) -> dict[str, str]:
         text = value if isinstance(value, str) else json.dumps(value)
         out[str(key)] = text[:6000]
     return out
+
+
+def fail_trial_run(mlflow_client: Any, run_id: str, *, reason: str, details: str = "") -> bool:
+    """Close a trial's child run that its worker left RUNNING as FAILED, with the reason.
+
+    Used when the worker could not do it itself (killed, pod gone): the run gets the ``hpo.error``
+    tag and an ``error.txt`` artifact like a failure the worker recorded. A run that is already
+    closed is left alone.
+
+    Returns:
+        Whether the run was closed here.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        return False
+    mlflow_client.set_tag(run_id, "hpo.error", reason[:5000])
+    mlflow_client.log_text(run_id, f"{reason}\n\n{details}".rstrip() + "\n", ERROR_ARTIFACT)
+    mlflow_client.set_terminated(run_id, status="FAILED")
+    return True

@@ -78,7 +78,6 @@ def suggest(study: Mapping[str, Any], round_number: int) -> list[dict[str, Any]]
 def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: int) -> dict[str, Any]:
     """Run the worker command for one trial as a local subprocess and stream its log."""
     context = get_current_context()
-    context["hpo_trial_label"] = trial["label"]  # type: ignore[typeddict-unknown-key]
     ti = context["ti"]
     deployment = resolve_deployment()
     cmd = [
@@ -111,13 +110,26 @@ def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: 
         _terminate(proc)
         raise
     if code != 0:
-        reason = outcome.get("reason") or f"worker exited with code {code}"
+        reason = outcome.get("reason") or _exit_reason(code)
         raise AirflowException(f"{trial['label']} failed: {reason}")
     return {
         "trial_number": outcome.get("trial_number"),
         "state": outcome.get("state"),
         "values": outcome.get("values"),
     }
+
+
+def _exit_reason(code: int) -> str:
+    """Why a worker ended without a result, from its exit code."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the worker was killed by {name} before it reported a result"
+    if code == 2:
+        return "the worker could not start the trial (exit code 2); see its error above"
+    return f"the worker exited with code {code} without reporting a result"
 
 
 def _terminate(proc: subprocess.Popen[str]) -> None:

@@ -9,7 +9,6 @@ Shape (fixed at parse time, from the spec)::
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,18 @@ from airflow.sdk import TriggerRule as TR
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import StudySpec
 
-from hpo_airflow import _tasks, kubernetes
+from hpo_airflow import _tasks, alerts, kubernetes
 
 __all__ = ["build_study_dag", "study_params"]
 
 #: Scheduled studies start counting from here; catch-up is off, so no backfill storm.
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+#: Retries of the control tasks (start, suggest, observe, finalize) and the delay between them.
+CONTROL_TASK_RETRIES = 1
+CONTROL_TASK_RETRY_DELAY = 5
+#: Names a mapped trial task after its trial. Rendered from the task's own argument, so the name
+#: is there before the task runs and stays when it is killed or times out.
+TRIAL_LABEL_TEMPLATE = "{{ task.op_kwargs['trial']['label'] }}"
 
 
 def study_params(spec: StudySpec) -> dict[str, Param]:
@@ -88,7 +93,13 @@ def _doc(spec: StudySpec, source: Path | None) -> str:
 def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
     """Build the study's DAG. Pure: no database or network access."""
     _check_schedule(spec, source)
-    default_args: dict[str, Any] = {"owner": spec.owner, "retries": 0}
+    # start / suggest / observe / finalize are idempotent: one retry rides out a lost worker or a
+    # dropped database connection. Trial tasks take their retries from the spec.
+    default_args: dict[str, Any] = {
+        "owner": spec.owner,
+        "retries": CONTROL_TASK_RETRIES,
+        "retry_delay": dt.timedelta(seconds=CONTROL_TASK_RETRY_DELAY),
+    }
     timeout = dt.timedelta(seconds=spec.budget.timeout) if spec.budget.timeout else None
     with DAG(
         dag_id=spec.dag_id,
@@ -98,6 +109,7 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         catchup=False,
         max_active_runs=1,
         dagrun_timeout=timeout,
+        deadline=alerts.deadline_alert(spec),
         tags=["hpo", *spec.tags],
         params=study_params(spec),
         default_args=default_args,
@@ -159,12 +171,12 @@ def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
         label = f"{{{{ task.annotations['{kubernetes.TRIAL_LABEL_ANNOTATION}'] }}}}"
         return KubernetesPodOperator.partial(
             **common, map_index_template=label, **kubernetes.trial_pod_settings(spec)
-        ).expand_kwargs(batch.map(functools.partial(kubernetes.trial_pod_overrides, spec)))
+        ).expand_kwargs(batch.map(kubernetes.trial_pod_overrides))
 
     def evaluate(trial: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
         return _tasks.evaluate_local(trial, study, trial_timeout)
 
     evaluate.__doc__ = "Evaluate one trial with the local worker."
-    return task(**common, map_index_template="{{ hpo_trial_label }}")(evaluate).partial(study=start).expand(
+    return task(**common, map_index_template=TRIAL_LABEL_TEMPLATE)(evaluate).partial(study=start).expand(
         trial=batch
     )
