@@ -6,12 +6,14 @@ DAG file stays cheap and opens no connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,6 +99,19 @@ def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: 
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     outcome: dict[str, Any] = {}
+    # Airflow stops a task whose run timed out or whose state was changed from outside with SIGTERM
+    # (then SIGKILL): pass it on, so the worker, in a session of its own, records why it stopped.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward_sigterm(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        if callable(previous):
+            previous(signum, frame)
+
+    forwarding = previous is not None and threading.current_thread() is threading.main_thread()
+    if forwarding:
+        signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -109,6 +124,9 @@ def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: 
         # Task timeout or kill: stop the worker so it records why, then let Airflow handle it.
         _terminate(proc)
         raise
+    finally:
+        if forwarding:
+            signal.signal(signal.SIGTERM, previous)
     if code != 0:
         reason = outcome.get("reason") or _exit_reason(code)
         raise AirflowException(f"{trial['label']} failed: {reason}")
