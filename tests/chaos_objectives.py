@@ -20,7 +20,8 @@ MODE_VALUES = {"ok": 1.0, "flaky": 2.0}
 def _finish(value: float, params: dict[str, Any], ctx: TrialContext) -> float:
     """Log a model when the study registers one, and return ``value``."""
     if ctx.spec.mlflow.registered_model:
-        ctx.log_model(QuadraticModel(dict(params)), flavor="pyfunc")
+        # Requirements given: MLflow would otherwise infer them in a subprocess (slow).
+        ctx.log_model(QuadraticModel(dict(params)), flavor="pyfunc", pip_requirements=["mlflow"])
     return value
 
 

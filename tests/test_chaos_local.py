@@ -217,6 +217,14 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         (run,) = runs[n]
         assert run.info.status == "FAILED"
         assert run.data.tags["hpo.error"] == trials[n].user_attrs["fail_reason"]
+    # observe once more (a cleared or retried task): the same summary, nothing logged twice.
+    client = mlflow.MlflowClient(tracking_uri=local_deployment.tracking_uri)
+    parent = _study(local_deployment, name).user_attrs[engine.ATTR_PARENT_RUN]
+    again = engine.observe_round(deployment=local_deployment, study_name=name, round_number=1)
+    assert again == summary
+    assert [m.step for m in client.get_metric_history(parent, "n_failed")] == [1]
+    counts = engine.count_trials(_study(local_deployment, name))
+    assert (counts.counted, counts.complete, counts.failed, counts.running) == (3, 1, 2, 0)
 
 
 # ------------------------------------------------------------------------------- the database
