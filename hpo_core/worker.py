@@ -212,7 +212,11 @@ def _claim(
     while True:
         claim = TrialClaim(storage_url, frozen._trial_id)
         claim.acquire(on_wait=functools.partial(_log_claimed, study, frozen))
-        current = study._storage.get_trial(frozen._trial_id)
+        try:
+            current = study._storage.get_trial(frozen._trial_id)
+        except BaseException:
+            claim.release()  # a dropped connection: the caller may try again
+            raise
         if not current.state.is_finished():
             claims.append(claim)
             return current, False
@@ -238,22 +242,27 @@ def _run_trial(
     attempt: int,
     timeout: float | None,
 ) -> TrialOutcome:
-    study, spec = _storage_call("load the study", lambda: engine.load_study(deployment.storage_url, study_name))
+    study, spec = _storage_call(
+        "load the study", lambda: engine.load_study(deployment.storage_url, study_name)
+    )
     if timeout is None:
         timeout = float(spec.trial.execution_timeout)
-    frozen, finished = resolve_trial(study, trial_number, attempt=attempt)
     interval = heartbeat_interval(spec)
-    abandoned = frozen.user_attrs.get(T_WORKER) if not finished else None
-    if abandoned is not None:
-        # An earlier attempt started this trial and did not report: take it over once it is gone.
-        frozen = _await_previous_attempt(study, frozen, interval=interval, limit=timeout or interval)
+
+    def resolve_and_claim() -> tuple[FrozenTrial, bool, dict[str, Any] | None]:
         frozen, finished = resolve_trial(study, trial_number, attempt=attempt)
         abandoned = frozen.user_attrs.get(T_WORKER) if not finished else None
-    if not finished:
-        frozen, finished = _claim(
-            study, deployment.storage_url, frozen, trial_number, attempt=attempt, claims=claims
-        )
-        abandoned = frozen.user_attrs.get(T_WORKER) if not finished else None
+        if abandoned is not None:
+            # An earlier attempt started this trial and did not report: take it over once it is gone.
+            frozen = _await_previous_attempt(study, frozen, interval=interval, limit=timeout or interval)
+            frozen, finished = resolve_trial(study, trial_number, attempt=attempt)
+        if not finished:
+            frozen, finished = _claim(
+                study, deployment.storage_url, frozen, trial_number, attempt=attempt, claims=claims
+            )
+        return frozen, finished, frozen.user_attrs.get(T_WORKER) if not finished else None
+
+    frozen, finished, abandoned = _storage_call(f"trial {trial_number}: resolve and claim", resolve_and_claim)
     retry_of = frozen.user_attrs.get(engine.T_RETRY_OF)
     if finished:
         log.info(
@@ -268,7 +277,8 @@ def _run_trial(
             retry_of,
             True,
         )
-    trial = optuna.trial.Trial(study, frozen._trial_id)
+    trial = _storage_call("read the trial", lambda: optuna.trial.Trial(study, frozen._trial_id))
+    study_attrs = _storage_call("read the study", lambda: study.user_attrs)
     storage = study._storage
     trial_id = frozen._trial_id
 
@@ -300,10 +310,10 @@ def _run_trial(
         if previous_run:
             tracking.fail_trial_run(mlflow_client, previous_run, reason=f"worker lost: {taken_over}")
 
-    config = engine.run_config(study)
+    config = engine.RunConfig(**study_attrs[engine.ATTR_RUN_CONFIG])
     seed = (config.seed or 0) * 100_003 + frozen.number
-    parent = study.user_attrs.get(engine.ATTR_PARENT_RUN)
-    experiment_id = study.user_attrs.get(engine.ATTR_EXPERIMENT)
+    parent = study_attrs.get(engine.ATTR_PARENT_RUN)
+    experiment_id = study_attrs.get(engine.ATTR_EXPERIMENT)
     run_tags = {
         "hpo.study": study_name,
         "hpo.trial_number": str(frozen.number),
