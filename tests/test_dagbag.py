@@ -177,6 +177,60 @@ def test_alerts_section_attaches_a_deadline_alert_with_identifiers_only() -> Non
     )
 
 
+def test_deadline_callbacks_log_or_post_without_showing_the_url(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from hpo_airflow.alerts import AlertDeliveryError, log_deadline_missed, notify_webhook
+
+    context = {"dag_run": {"dag_id": "hpo_quadratic", "dag_run_id": "manual__1", "state": "running"}}
+    caplog.set_level("WARNING", logger="hpo_airflow.alerts")
+    text = asyncio.run(log_deadline_missed(study="quadratic", deadline_seconds=5, context=context))
+    assert text in caplog.text and "manual__1" in text
+
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204 if self.path == "/hook/s3cret" else 500)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.setenv("HPO_TEST_HOOK", f"{base}/hook/s3cret")
+        answer = asyncio.run(
+            notify_webhook(study="quadratic", deadline_seconds=5, url_env="HPO_TEST_HOOK", context=context)
+        )
+        assert answer == "webhook (environment variable HPO_TEST_HOOK) answered HTTP 204"
+        assert received[0]["run_id"] == "manual__1" and received[0]["event"] == "hpo.deadline_missed"
+        monkeypatch.setenv("HPO_TEST_HOOK", f"{base}/wrong/s3cret")
+        with pytest.raises(AlertDeliveryError, match=r"answered HTTP 500$") as refused:
+            asyncio.run(notify_webhook(study="quadratic", deadline_seconds=5, url_env="HPO_TEST_HOOK"))
+        assert "s3cret" not in str(refused.value)
+    finally:
+        server.shutdown()
+    closed_port = socket.socket()
+    closed_port.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("HPO_TEST_HOOK", f"http://127.0.0.1:{closed_port.getsockname()[1]}/hook/s3cret")
+    with pytest.raises(AlertDeliveryError, match="unreachable: ConnectError") as unreachable:
+        asyncio.run(notify_webhook(study="quadratic", deadline_seconds=5, url_env="HPO_TEST_HOOK"))
+    closed_port.close()
+    assert "s3cret" not in str(unreachable.value) and unreachable.value.__suppress_context__
+    monkeypatch.delenv("HPO_TEST_HOOK")
+    with pytest.raises(AlertDeliveryError, match="environment variable HPO_TEST_HOOK is not set"):
+        asyncio.run(notify_webhook(study="quadratic", deadline_seconds=5, url_env="HPO_TEST_HOOK"))
+
+
 def test_trigger_params_are_bounded_by_the_spec() -> None:
     from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import ParamValidationError
