@@ -43,8 +43,13 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     best = engine.pick_best(study, spec)
     out: dict[str, Any] = {
         "study": study_name,
-        "trials": {"counted": counts.counted, "complete": counts.complete, "pruned": counts.pruned,
-                   "failed": counts.failed, "running": counts.running},
+        "trials": {
+            "counted": counts.counted,
+            "complete": counts.complete,
+            "pruned": counts.pruned,
+            "failed": counts.failed,
+            "running": counts.running,
+        },
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.values[0],
         "best_params": None if best is None else best.params,
@@ -89,7 +94,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         return 0
     print(f"study            {summary['study']}")
     t = summary["trials"]
-    print(f"trials           {t['counted']} ({t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed)")
+    print(
+        f"trials           {t['counted']} ({t['complete']} complete, {t['pruned']} pruned, "
+        f"{t['failed']} failed)"
+    )
     print(f"best value       {summary['best_value']}  (trial {summary['best_trial']})")
     print(f"best params      {json.dumps(summary['best_params'], sort_keys=True)}")
     print(f"MLflow parent run {summary['mlflow_parent_run_id']}")

@@ -102,7 +102,8 @@ class RunConfig:
         limit = spec.budget.batch_size_limit
         if not 1 <= batch_size <= limit:
             raise StudySpecError(
-                f"{spec.dag_id}: params.batch_size: {batch_size} is outside 1..{limit} (budget.max_batch_size)"
+                f"{spec.dag_id}: params.batch_size: {batch_size} is outside 1..{limit} "
+                "(budget.max_batch_size)"
             )
         rounds = spec.budget.max_rounds
         if not 1 <= n_trials <= rounds * batch_size:
@@ -160,9 +161,7 @@ def load_study(storage_url: str, study_name: str, *, round_number: int = 0) -> t
     attrs = bare.user_attrs
     spec = spec_from_json(attrs[ATTR_SPEC])
     config = RunConfig(**attrs[ATTR_RUN_CONFIG])
-    sampler = build_sampler(
-        spec, seed=config.seed, options=config.sampler_options, round_number=round_number
-    )
+    sampler = build_sampler(spec, seed=config.seed, options=config.sampler_options, round_number=round_number)
     study = optuna.load_study(
         study_name=study_name, storage=storage, sampler=sampler, pruner=build_pruner(spec)
     )
@@ -225,7 +224,9 @@ def start_study(
     from hpo_core import tracking
 
     mlflow_client = tracking.client(deployment)
-    experiment_id = tracking.ensure_experiment(mlflow_client, spec.mlflow.experiment, deployment.artifact_root)
+    experiment_id = tracking.ensure_experiment(
+        mlflow_client, spec.mlflow.experiment, deployment.artifact_root
+    )
     parent = tracking.find_or_create_parent_run(
         mlflow_client,
         experiment_id=experiment_id,
@@ -524,7 +525,9 @@ def observe_round(
     )
     # Runs of trials closed without their worker (here, or by a stale sweep) are still RUNNING.
     _fail_lost_runs(
-        deployment, study, [t.number for t in trials_of_round(study, round_number) if t.state == TrialState.FAIL]
+        deployment,
+        study,
+        [t.number for t in trials_of_round(study, round_number) if t.state == TrialState.FAIL],
     )
     config = run_config(study)
     trials = _counted(_our_trials(study))
@@ -629,9 +632,10 @@ def _stop_reason(
         return f"budget spent: {counts.counted} of {config.n_trials} trials"
     direction = spec.all_directions[_score_index(spec)]
     target = spec.stopping.target
-    if target is not None and best is not None:
-        if (direction == "maximize" and best >= target) or (direction == "minimize" and best <= target):
-            return f"target reached: best {best:.6g} vs target {target:.6g}"
+    if (target is not None and best is not None) and (
+        (direction == "maximize" and best >= target) or (direction == "minimize" and best <= target)
+    ):
+        return f"target reached: best {best:.6g} vs target {target:.6g}"
     patience = spec.stopping.patience
     if patience is not None and round_number > patience:
         history = [p.get("best_value") for p in previous] + [best]
@@ -777,7 +781,9 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
         ts = int(time.time() * 1000)
         mlflow_client.log_batch(
             parent,
-            metrics=[mlflow.entities.Metric(f"best.{k}", float(v), ts, 0) for k, v in result["best_values"].items()],
+            metrics=[
+                mlflow.entities.Metric(f"best.{k}", float(v), ts, 0) for k, v in result["best_values"].items()
+            ],
             tags=[
                 mlflow.entities.RunTag("hpo.best_trial", str(best.number)),
                 mlflow.entities.RunTag("hpo.best_params", json.dumps(best.params, sort_keys=True)),

@@ -8,8 +8,8 @@ __all__ = [
     "PromotionError",
     "SearchSpaceError",
     "StorageConfigError",
-    "StudySpecError",
     "StudyOutcomeError",
+    "StudySpecError",
     "TrialStateError",
 ]
 

@@ -244,7 +244,9 @@ def _is_number(value: Any) -> bool:
 
 def _finite(value: Any, name: str) -> float:
     if not _is_number(value):
-        raise ObjectiveError(f"objective value {name!r} is {type(value).__name__} {_short(value)}, not a number")
+        raise ObjectiveError(
+            f"objective value {name!r} is {type(value).__name__} {_short(value)}, not a number"
+        )
     number = float(value)
     if math.isnan(number):
         raise ObjectiveError(f"objective value {name!r} is NaN")

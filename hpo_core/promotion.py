@@ -290,9 +290,7 @@ def _verdict(
         f"{challenger:.6g} vs {CHAMPION} version {champion_version} {champion:.6g}, "
         f"improvement {gain:+.6g}: {verdict}"
     )
-    return decision(
-        promoted, comparison, reason, challenger_score=challenger, champion_score=champion
-    )
+    return decision(promoted, comparison, reason, challenger_score=challenger, champion_score=champion)
 
 
 # --- by hand -------------------------------------------------------------------------------
@@ -599,9 +597,7 @@ def add_cli_commands(sub: Any) -> None:
 
 def _actor_reason(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", required=True, help="why (recorded on the model version)")
-    parser.add_argument(
-        "--actor", default=os.environ.get("USER") or "unknown", help="who (default: $USER)"
-    )
+    parser.add_argument("--actor", default=os.environ.get("USER") or "unknown", help="who (default: $USER)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

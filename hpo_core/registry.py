@@ -29,9 +29,7 @@ def find_version(mlflow_client: Any, *, name: str, study: str, trial_number: str
     return None
 
 
-def register_trial_model(
-    mlflow_client: Any, *, name: str, model_uri: str, tags: Mapping[str, str]
-) -> str:
+def register_trial_model(mlflow_client: Any, *, name: str, model_uri: str, tags: Mapping[str, str]) -> str:
     """Register ``model_uri`` as a new version of ``name`` (once) and alias it ``challenger``.
 
     Returns:

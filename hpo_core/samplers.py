@@ -50,16 +50,12 @@ def build_sampler(
             warn_independent_sampling=False,
         )
     if kind == "gp":
-        return optuna.samplers.GPSampler(
-            seed=round_seed, n_startup_trials=10 if startup is None else startup
-        )
+        return optuna.samplers.GPSampler(seed=round_seed, n_startup_trials=10 if startup is None else startup)
     if kind == "qmc":
         # QMC keeps its position in the study, so the sequence continues across rounds.
         return optuna.samplers.QMCSampler(qmc_type=cfg.qmc_type, scramble=True, seed=seed)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            seed=round_seed, population_size=cfg.population_size or 50
-        )
+        return optuna.samplers.NSGAIISampler(seed=round_seed, population_size=cfg.population_size or 50)
     raise AssertionError(f"unhandled sampler {kind!r}")  # the spec's Literal forbids this
 
 

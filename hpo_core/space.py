@@ -110,7 +110,7 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
             grid[name] = list(range(p.low, p.high + 1, p.step))
         else:
             assert p.step is not None
-            n = int(math.floor((p.high - p.low) / p.step + 1e-9)) + 1
+            n = math.floor((p.high - p.low) / p.step + 1e-9) + 1
             grid[name] = [round(p.low + i * p.step, 12) for i in range(n)]
     return grid
 

@@ -199,7 +199,9 @@ class BudgetSpec(_Frozen):
     @model_validator(mode="after")
     def _fits(self) -> BudgetSpec:
         if self.batch_size > self.batch_size_limit:
-            raise _at("batch_size", self.batch_size, f"must not exceed max_batch_size ({self.max_batch_size})")
+            raise _at(
+                "batch_size", self.batch_size, f"must not exceed max_batch_size ({self.max_batch_size})"
+            )
         if self.n_trials > self.max_rounds * self.batch_size:
             raise _at(
                 "n_trials",
@@ -369,7 +371,9 @@ class StudySpec(_Frozen):
     def _cross_checks(self) -> StudySpec:
         if (self.search_space is None) == (self.space_function is None):
             if self.search_space is not None:
-                raise _at("space_function", self.space_function, "cannot be combined with 'search_space'; keep one")
+                raise _at(
+                    "space_function", self.space_function, "cannot be combined with 'search_space'; keep one"
+                )
             raise _at("search_space", None, "is missing; declare the parameters (or name a 'space_function')")
         if (self.direction is None) == (self.directions is None):
             if self.direction is not None:
@@ -377,7 +381,9 @@ class StudySpec(_Frozen):
             raise _at("direction", None, "is missing; use 'minimize' or 'maximize' (or 'directions')")
         if self.directions is not None:
             if len(self.directions) < 2:
-                raise _at("directions", self.directions, "needs at least two entries; use 'direction' for one")
+                raise _at(
+                    "directions", self.directions, "needs at least two entries; use 'direction' for one"
+                )
             if self.metrics is None or len(self.metrics) != len(self.directions):
                 raise _at("metrics", self.metrics, "must name one metric per entry of 'directions'")
             if self.sampler.type not in _MULTI_OBJECTIVE_SAMPLERS:
@@ -393,7 +399,9 @@ class StudySpec(_Frozen):
                     f"several objectives need it to name one of the metrics {self.metrics}",
                 )
             if self.pruner.type != "none":
-                raise _at("pruner.type", self.pruner.type, "pruning needs one objective; set pruner.type: none")
+                raise _at(
+                    "pruner.type", self.pruner.type, "pruning needs one objective; set pruner.type: none"
+                )
         else:
             if self.metrics is not None:
                 raise _at("metrics", self.metrics, "goes with 'directions'; use 'metric' for one objective")
@@ -631,12 +639,7 @@ def _clean_loc(loc: Sequence[Any]) -> tuple[Any, ...]:
     # Pydantic adds the union member tag ('float', 'int', ...) to the location; drop it.
     out: list[Any] = []
     for i, part in enumerate(loc):
-        if (
-            i > 0
-            and part in ("float", "int", "categorical")
-            and i >= 2
-            and loc[i - 2] == "search_space"
-        ):
+        if i > 0 and part in ("float", "int", "categorical") and i >= 2 and loc[i - 2] == "search_space":
             continue
         out.append(part)
     return tuple(out)

@@ -27,9 +27,7 @@ def client(deployment: Deployment) -> Any:
     mlflow.set_tracking_uri(deployment.tracking_uri)
     if deployment.registry_uri:
         mlflow.set_registry_uri(deployment.registry_uri)
-    return mlflow.MlflowClient(
-        tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri
-    )
+    return mlflow.MlflowClient(tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri)
 
 
 def ensure_experiment(mlflow_client: Any, name: str, artifact_root: str | None) -> str:

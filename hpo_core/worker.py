@@ -63,11 +63,11 @@ _STORAGE_ATTEMPTS = 6
 _T = TypeVar("_T")
 
 
-class TrialTimeout(BaseException):  # noqa: N818 - BaseException so objectives cannot swallow it
+class TrialTimeout(BaseException):
     """The objective ran past the trial's execution timeout."""
 
 
-class TrialTerminated(BaseException):  # noqa: N818
+class TrialTerminated(BaseException):
     """The worker was asked to stop (SIGTERM from Airflow or Kubernetes)."""
 
 
@@ -127,13 +127,13 @@ def _attempt_of(trial: FrozenTrial) -> int:
 _NOT_INHERITED = (engine.T_MODEL_URI, engine.T_MLFLOW_RUN, engine.T_METRICS, T_WORKER, T_HEARTBEAT)
 
 
-def _create_replacement(study: optuna.Study, failed: FrozenTrial, *, requested: int, attempt: int) -> FrozenTrial:
-    attrs = {
-        k: v
-        for k, v in failed.user_attrs.items()
-        if k.startswith("hpo.") and k not in _NOT_INHERITED
-    }
-    attrs.update({engine.T_RETRY_OF: failed.number, engine.T_RETRY_ROOT: requested, "hpo.created_by_attempt": attempt})
+def _create_replacement(
+    study: optuna.Study, failed: FrozenTrial, *, requested: int, attempt: int
+) -> FrozenTrial:
+    attrs = {k: v for k, v in failed.user_attrs.items() if k.startswith("hpo.") and k not in _NOT_INHERITED}
+    attrs.update(
+        {engine.T_RETRY_OF: failed.number, engine.T_RETRY_ROOT: requested, "hpo.created_by_attempt": attempt}
+    )
     template = optuna.trial.FrozenTrial(
         number=-1,
         trial_id=-1,
@@ -265,9 +265,7 @@ def _run_trial(
     frozen, finished, abandoned = _storage_call(f"trial {trial_number}: resolve and claim", resolve_and_claim)
     retry_of = frozen.user_attrs.get(engine.T_RETRY_OF)
     if finished:
-        log.info(
-            "trial %d is already %s: not evaluating it again", frozen.number, frozen.state.name
-        )
+        log.info("trial %d is already %s: not evaluating it again", frozen.number, frozen.state.name)
         return TrialOutcome(
             frozen.number,
             trial_number,
@@ -546,7 +544,7 @@ class _Heartbeat:
         self._stop.set()
 
 
-class _time_limit:  # noqa: N801 - used as a context manager
+class _time_limit:
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
 
@@ -564,7 +562,7 @@ class _time_limit:  # noqa: N801 - used as a context manager
         raise TrialTimeout()
 
 
-class _terminate_on_sigterm:  # noqa: N801
+class _terminate_on_sigterm:
     def __enter__(self) -> None:
         self._previous = signal.signal(signal.SIGTERM, self._raise)
 
@@ -581,7 +579,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--study-name", required=True, help="Optuna study name")
     parser.add_argument("--trial-number", required=True, type=int, help="trial number chosen by suggest")
     parser.add_argument("--attempt", type=int, default=1, help="Airflow try number of this attempt")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before the trial FAILs (timeout)")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds before the trial FAILs (timeout)"
+    )
     return parser.parse_args(argv)
 
 

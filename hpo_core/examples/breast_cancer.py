@@ -12,7 +12,6 @@ from sklearn.model_selection import StratifiedKFold
 
 from hpo_core.objective import TrialContext
 
-
 #: The one non-default type a fitted HistGradientBoostingClassifier contains (reviewed: ours).
 TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
 
@@ -61,7 +60,9 @@ def objective(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     return {"roc_auc": float(np.mean(scores)), "roc_auc_std": float(np.std(scores))}
 
 
-def _fold_score(model: HistGradientBoostingClassifier, x: np.ndarray, y: np.ndarray, train: Any, test: Any) -> float:
+def _fold_score(
+    model: HistGradientBoostingClassifier, x: np.ndarray, y: np.ndarray, train: Any, test: Any
+) -> float:
     from sklearn.metrics import roc_auc_score
 
     model.fit(x[train], y[train])

@@ -7,7 +7,7 @@ import os
 
 from hpo_core.deployment import ENV_STORAGE_URL, ENV_TRACKING_URI, Deployment
 
-__all__ = ["OPTUNA_CONN_ID", "MLFLOW_CONN_ID", "resolve_deployment"]
+__all__ = ["MLFLOW_CONN_ID", "OPTUNA_CONN_ID", "resolve_deployment"]
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,10 @@ from typing import Any
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from hpo_airflow._settings import resolve_deployment
 from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError
 from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
-
-from hpo_airflow._settings import resolve_deployment
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,8 @@ def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: 
         signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
             if line.startswith("HPO_RESULT "):
                 outcome = json.loads(line.removeprefix("HPO_RESULT "))
             log.info("%s", line)
@@ -203,7 +202,9 @@ def _evaluate_states(context: Any, round_number: int) -> dict[int, str]:
     task_id = f"round_{round_number}.evaluate"
     dag_run = context["dag_run"]
     try:
-        found = context["ti"].get_task_states(dag_id=dag_run.dag_id, task_ids=[task_id], run_ids=[dag_run.run_id])
+        found = context["ti"].get_task_states(
+            dag_id=dag_run.dag_id, task_ids=[task_id], run_ids=[dag_run.run_id]
+        )
     except Exception as e:  # only used to word the failure reason better
         log.info("task states unavailable: %s", e)
         return {}
@@ -237,7 +238,7 @@ def finalize(study: Mapping[str, Any] | None) -> dict[str, Any]:
     log.info(
         "best trial %s: %s=%s params=%s; model %s version %s (alias %s)",
         result["best_trial"],
-        list(result["best_values"])[0],
+        next(iter(result["best_values"])),
         result["best_value"],
         json.dumps(result["best_params"]),
         result.get("model_name"),

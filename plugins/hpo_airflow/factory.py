@@ -15,10 +15,9 @@ from typing import Any
 from airflow.sdk import DAG, Param, TaskGroup, task
 from airflow.sdk import TriggerRule as TR
 
+from hpo_airflow import _tasks, alerts, kubernetes
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import StudySpec
-
-from hpo_airflow import _tasks, alerts, kubernetes
 
 __all__ = ["build_study_dag", "study_params"]
 
@@ -177,6 +176,8 @@ def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
         return _tasks.evaluate_local(trial, study, trial_timeout)
 
     evaluate.__doc__ = "Evaluate one trial with the local worker."
-    return task(**common, map_index_template=TRIAL_LABEL_TEMPLATE)(evaluate).partial(study=start).expand(
-        trial=batch
+    return (
+        task(**common, map_index_template=TRIAL_LABEL_TEMPLATE)(evaluate)
+        .partial(study=start)
+        .expand(trial=batch)
     )

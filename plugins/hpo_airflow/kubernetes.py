@@ -143,9 +143,12 @@ def trial_pod_overrides(trial: Mapping[str, Any]) -> dict[str, Any]:
     number = trial["trial_number"]
     return {
         "arguments": [
-            "--study-name", "{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
-            "--trial-number", str(number),
-            "--attempt", "{{ ti.try_number }}",
+            "--study-name",
+            "{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
+            "--trial-number",
+            str(number),
+            "--attempt",
+            "{{ ti.try_number }}",
         ],
         "labels": {
             "app.kubernetes.io/name": "hpo-trial",

@@ -11,11 +11,10 @@ from typing import Any
 
 from airflow.sdk import DAG
 
-from hpo_core.errors import StudySpecError
-from hpo_core.spec import load_spec
-
 from hpo_airflow.factory import START_DATE, build_study_dag
 from hpo_airflow.promotion_dag import PROMOTION_DAG_ID, build_promotion_dag
+from hpo_core.errors import StudySpecError
+from hpo_core.spec import load_spec
 
 __all__ = ["BrokenStudyWarning", "load_study_dags"]
 
