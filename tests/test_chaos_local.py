@@ -359,6 +359,7 @@ def test_run_fails_with_its_reason_when_too_many_trials_fail(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One good trial; one raises, one returns NaN, one a string, one hangs past its timeout."""
     dag = _study_dag(
@@ -369,7 +370,10 @@ def test_run_fails_with_its_reason_when_too_many_trials_fail(
         trial={"retries": 0, "retry_delay": 0, "execution_timeout": 3},
     )
     dag_run = dag.test()
-    task_logs = capsys.readouterr().out  # dag.test() prints every task's log
+    # dag.test() prints every task's log; depending on how logging was configured earlier in the
+    # session the lines reach stdout/stderr or the logging capture, so read all of them.
+    captured = capsys.readouterr()
+    task_logs = captured.out + captured.err + caplog.text
 
     assert dag_run.state == "failed"
     name, trials = _run_study(local_deployment, dag_run)
