@@ -191,8 +191,12 @@ def bulk_insert(
                 ],
             )
         )
-    with storage.scoped_session() as session:
+    session = storage.scoped_session()
+    try:
         session.add_all(objs)
+        session.commit()
+    finally:
+        storage.scoped_session.remove()
 
 
 def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[str, Any]:
@@ -228,6 +232,9 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
             n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
             bulk_insert(storage, study_id, spec, start_number=n_existing, count=chunk, rng=rng)
             have += chunk
+            stored = len(storage.get_all_trials(study_id, deepcopy=False))
+            if stored != n_existing + chunk:
+                raise RuntimeError(f"bulk insert: expected {n_existing + chunk} trials, storage has {stored}")
         log(f"suggest: {size} finished trials (insert {time.perf_counter() - t0:.1f}s)")
         results = {}
         modes = ("plain", "snapshot", "profiled") if size == sizes[-1] else ("plain", "snapshot")
@@ -447,10 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     out = output_dir(args.out, "scale")
     work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if len(parts) == 3:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     logp = work / "probes.log"
+    previous = out / "scale.json"
+    # Running some parts again keeps the others' results of the same output folder.
+    kept = json.loads(previous.read_text()) if previous.exists() and len(parts) < 3 else {}
     results: dict[str, Any] = {
+        **{k: v for k, v in kept.items() if k in ("suggest", "parse", "wide", "parse_marginal_s_per_study")},
         "machine_start": machine_info(),
         "config": {"sizes": sizes, "counts": counts, "widths": widths},
     }
