@@ -5,7 +5,7 @@
 #   --out DIR      output folder (default bench/out/<timestamp>)
 #   --publish      write the summary's figures into bench/README.md (between the results markers)
 # Creates .venv (the pinned project stack, as scripts/ do) and .venv-bench (the contenders:
-# bench/requirements.txt on top of constraints.txt) on first use; .venv itself is never changed.
+# bench/requirements.txt on top of constraints.txt) on first use; .venv only ever gets the project's pins.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/_bootstrap.sh"   # sets ROOT, cd "$ROOT", installs .venv once
 WHAT="all"; QUICK=(); OUT=""; PUBLISH=()
