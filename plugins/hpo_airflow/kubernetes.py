@@ -136,20 +136,20 @@ def trial_pod_overrides(trial: Mapping[str, Any]) -> dict[str, Any]:
     """
     import json
 
+    from hpo_core.launch import worker_arguments
+
     def label_value(value: object) -> str:
         text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
         return text[:63].rstrip("-_.") or "none"
 
     number = trial["trial_number"]
     return {
-        "arguments": [
-            "--study-name",
-            "{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
-            "--trial-number",
-            str(number),
-            "--attempt",
-            "{{ ti.try_number }}",
-        ],
+        "arguments": worker_arguments(
+            study_name="{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
+            trial_number=number,
+            attempt="{{ ti.try_number }}",
+            timeout=None,  # the worker takes the trial timeout from the stored spec
+        ),
         "labels": {
             "app.kubernetes.io/name": "hpo-trial",
             "app.kubernetes.io/managed-by": "airflow",
