@@ -31,11 +31,14 @@ from hpo_core.storage import open_storage
 __all__ = [
     "RunConfig",
     "StudyCounts",
+    "batch_slots",
     "count_trials",
     "finalize_study",
     "load_study",
     "observe_round",
     "reconcile_trials",
+    "slot_label",
+    "slot_sizes",
     "start_study",
     "study_name_for",
     "suggest_batch",
@@ -60,6 +63,8 @@ ATTR_CONTINUOUS = "hpo.continuous"
 # Trial attributes.
 T_ROUND = "hpo.round"
 T_BATCH_INDEX = "hpo.batch_index"
+#: Map index of the evaluate task (slot) that holds the trial.
+T_MAP_INDEX = "hpo.map_index"
 T_RETRY_OF = "hpo.retry_of"
 T_RETRY_ROOT = "hpo.retry_root"
 T_DISCARDED = "hpo.discarded"
@@ -80,10 +85,13 @@ class RunConfig:
     batch_size: int
     seed: int | None
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    #: Trials per mapped evaluate task (slot); configs stored before slots existed read as 1.
+    trials_per_task: int = 1
 
     @classmethod
     def resolve(cls, spec: StudySpec, overrides: Mapping[str, Any] | None) -> RunConfig:
-        """Apply trigger overrides (``n_trials``, ``batch_size``, ``seed``, ``sampler_options``).
+        """Apply trigger overrides (``n_trials``, ``batch_size``, ``seed``, ``sampler_options``,
+        ``trials_per_task``).
 
         Raises:
             StudySpecError: an override is out of the spec's bounds or the rounds cannot hold it.
@@ -112,7 +120,47 @@ class RunConfig:
                 f"at batch_size={batch_size}, but the DAG has max_rounds={rounds}; "
                 f"use n_trials <= {rounds * batch_size} or a larger batch_size"
             )
-        return cls(n_trials=n_trials, batch_size=batch_size, seed=seed, sampler_options=options)
+        per_task = int(o.get("trials_per_task") or spec.worker.trials_per_task)
+        per_task_limit = trials_per_task_limit(spec)
+        if not 1 <= per_task <= per_task_limit:
+            raise StudySpecError(
+                f"{spec.dag_id}: params.trials_per_task: {per_task} is outside 1..{per_task_limit} "
+                "(a task never holds more trials than the largest batch, budget.max_batch_size)"
+            )
+        return cls(
+            n_trials=n_trials,
+            batch_size=batch_size,
+            seed=seed,
+            sampler_options=options,
+            trials_per_task=per_task,
+        )
+
+
+def trials_per_task_limit(spec: StudySpec) -> int:
+    """The most trials one mapped task may hold: the largest batch (or the spec's own setting)."""
+    return max(spec.budget.batch_size_limit, spec.worker.trials_per_task)
+
+
+def slot_sizes(batch_size: int, trials_per_task: int) -> list[int]:
+    """How a batch is split over mapped tasks: ``ceil(batch / k)`` slots, sizes differing by one at most.
+
+    ``slot_sizes(5, 2) == [2, 2, 1]``; ``slot_sizes(4, 1) == [1, 1, 1, 1]``.
+    """
+    if batch_size <= 0:
+        return []
+    n_slots = math.ceil(batch_size / max(1, trials_per_task))
+    base, extra = divmod(batch_size, n_slots)
+    return [base + (1 if i < extra else 0) for i in range(n_slots)]
+
+
+def slot_of(batch_index: int, batch_size: int, trials_per_task: int) -> int:
+    """The slot (map index of the evaluate task) that holds the batch's ``batch_index``-th trial."""
+    end = 0
+    for slot, size in enumerate(slot_sizes(batch_size, trials_per_task)):
+        end += size
+        if batch_index < end:
+            return slot
+    raise ValueError(f"batch index {batch_index} is outside a batch of {batch_size}")
 
 
 @dataclass(frozen=True)
@@ -374,7 +422,10 @@ def suggest_batch(
     )
     if existing:
         log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
-        return [_batch_entry(t.number, t.params, round_number, spec.name) for t in existing], None
+        return [
+            _batch_entry(t.number, t.params, round_number, spec.name, int(t.user_attrs.get(T_MAP_INDEX, i)))
+            for i, t in enumerate(existing)
+        ], None
     stop = study.user_attrs.get(ATTR_STOP)
     if stop:
         return [], f"study stopped before round {round_number}: {stop}"
@@ -388,36 +439,76 @@ def suggest_batch(
         return [], deadline
     size = min(config.batch_size, remaining)
     exhaustible = space_size(spec)
-    batch: list[dict[str, Any]] = []
+    asked: list[tuple[optuna.trial.Trial, dict[str, Any]]] = []
     seen: set[str] = set()
-    for index in range(size):
+    for _ in range(size):
         trial, params = _ask_distinct(study, spec, seen, exhaustible)
         if trial is None:
             break
         seen.add(_key(params))
+        asked.append((trial, params))
+    batch: list[dict[str, Any]] = []
+    for index, (trial, params) in enumerate(asked):
+        # The slot is known once the batch is: a batch cut short by an exhausted space splits anew.
+        slot = slot_of(index, len(asked), config.trials_per_task)
         for key, value in {
             T_ROUND: round_number,
             T_BATCH_INDEX: index,
             "hpo.dag_id": dag_id,
             "hpo.run_id": run_id,
-            "hpo.map_index": index,
+            T_MAP_INDEX: slot,
         }.items():
             trial.set_user_attr(key, value)
-        batch.append(_batch_entry(trial.number, params, round_number, spec.name))
+        batch.append(_batch_entry(trial.number, params, round_number, spec.name, slot))
     log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
     if not batch:
         return [], "search space exhausted"
     return batch, None
 
 
-def _batch_entry(number: int, params: Mapping[str, Any], round_number: int, study: str) -> dict[str, Any]:
+def _batch_entry(
+    number: int, params: Mapping[str, Any], round_number: int, study: str, map_index: int
+) -> dict[str, Any]:
     return {
         "trial_number": number,
         "params": dict(params),
         "label": trial_label(number, params),
         "round": round_number,
         "study": study,
+        "map_index": map_index,
     }
+
+
+def batch_slots(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group a batch by slot: one entry per mapped evaluate task, in map-index order.
+
+    Each slot is ``{"slot", "trial_numbers", "trials", "label", "round", "study"}``; ``label`` names
+    the task in the grid before it runs (a slot of one trial keeps the trial's own label).
+    """
+    by_slot: dict[int, list[dict[str, Any]]] = {}
+    for entry in batch:
+        by_slot.setdefault(int(entry.get("map_index", len(by_slot))), []).append(entry)
+    return [
+        {
+            "slot": slot,
+            "trial_numbers": [t["trial_number"] for t in trials],
+            "trials": trials,
+            "label": slot_label(trials),
+            "round": trials[0]["round"],
+            "study": trials[0]["study"],
+        }
+        for slot, trials in sorted(by_slot.items())
+    ]
+
+
+def slot_label(trials: list[dict[str, Any]]) -> str:
+    """Display name of a slot task: its trial's label, or ``trials 8–11`` / ``trials 3, 5, 9``."""
+    if len(trials) == 1:
+        return str(trials[0]["label"])
+    numbers = [int(t["trial_number"]) for t in trials]
+    if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+        return f"trials {numbers[0]}–{numbers[-1]}"
+    return "trials " + ", ".join(str(n) for n in numbers)
 
 
 def _key(params: Mapping[str, Any]) -> str:
@@ -485,7 +576,7 @@ def reconcile_trials(
             continue
         reason = None
         if round_number is not None and trial_round <= round_number:
-            map_index = t.user_attrs.get("hpo.map_index")
+            map_index = t.user_attrs.get(T_MAP_INDEX)
             state = (task_states or {}).get(map_index) if map_index is not None else None
             reason = (
                 f"worker ended without reporting a result (Airflow task state: {state})"

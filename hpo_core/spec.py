@@ -265,6 +265,9 @@ class WorkerSpec(_Frozen):
     on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_succeeded_pod"
     pool: str | None = None
     max_active_trials: int | None = Field(default=None, ge=1)
+    #: Trials one mapped task (a *slot*: one warm worker process, one pod) evaluates in sequence.
+    #: 1: one task per trial. A trigger may override it within 1..budget.max_batch_size.
+    trials_per_task: int = Field(default=1, ge=1, le=1024)
 
 
 class ParetoChoice(_Frozen):

@@ -57,7 +57,11 @@ def start(spec: StudySpec) -> dict[str, Any]:
 
 
 def suggest(study: Mapping[str, Any], round_number: int) -> list[dict[str, Any]]:
-    """Ask the batch of round ``round_number``; skip the round when it is not needed."""
+    """Ask the batch of round ``round_number``; skip the round when it is not needed.
+
+    Returns the batch split into slots (:func:`hpo_core.engine.batch_slots`), one per mapped
+    evaluate task.
+    """
     from hpo_core import engine
 
     context = get_current_context()
@@ -71,9 +75,10 @@ def suggest(study: Mapping[str, Any], round_number: int) -> list[dict[str, Any]]
     )
     if not batch:
         raise AirflowSkipException(reason or "nothing to suggest")
-    for entry in batch:
-        log.info("%s", entry["label"])
-    return batch
+    slots = engine.batch_slots(batch)
+    for slot in slots:
+        log.info("slot %d: %s", slot["slot"], ", ".join(t["label"] for t in slot["trials"]))
+    return slots
 
 
 def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: int) -> dict[str, Any]:
