@@ -121,7 +121,7 @@ class RunConfig:
                 f"use n_trials <= {rounds * batch_size} or a larger batch_size"
             )
         per_task = int(o.get("trials_per_task") or spec.worker.trials_per_task)
-        per_task_limit = trials_per_task_limit(spec)
+        per_task_limit = spec.trials_per_task_limit
         if not 1 <= per_task <= per_task_limit:
             raise StudySpecError(
                 f"{spec.dag_id}: params.trials_per_task: {per_task} is outside 1..{per_task_limit} "
@@ -134,11 +134,6 @@ class RunConfig:
             sampler_options=options,
             trials_per_task=per_task,
         )
-
-
-def trials_per_task_limit(spec: StudySpec) -> int:
-    """The most trials one mapped task may hold: the largest batch (or the spec's own setting)."""
-    return max(spec.budget.batch_size_limit, spec.worker.trials_per_task)
 
 
 def slot_sizes(batch_size: int, trials_per_task: int) -> list[int]:
@@ -422,10 +417,15 @@ def suggest_batch(
     )
     if existing:
         log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
-        return [
-            _batch_entry(t.number, t.params, round_number, spec.name, int(t.user_attrs.get(T_MAP_INDEX, i)))
-            for i, t in enumerate(existing)
-        ], None
+        return _with_timeout(
+            [
+                _batch_entry(
+                    t.number, t.params, round_number, spec.name, int(t.user_attrs.get(T_MAP_INDEX, i))
+                )
+                for i, t in enumerate(existing)
+            ],
+            spec,
+        ), None
     stop = study.user_attrs.get(ATTR_STOP)
     if stop:
         return [], f"study stopped before round {round_number}: {stop}"
@@ -463,7 +463,7 @@ def suggest_batch(
     log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
     if not batch:
         return [], "search space exhausted"
-    return batch, None
+    return _with_timeout(batch, spec), None
 
 
 def _batch_entry(
@@ -479,11 +479,16 @@ def _batch_entry(
     }
 
 
+def _with_timeout(batch: list[dict[str, Any]], spec: StudySpec) -> list[dict[str, Any]]:
+    """Each entry carries the trial timeout: a pod's deadline is built from its slot alone."""
+    return [{**entry, "trial_timeout": spec.trial.execution_timeout} for entry in batch]
+
+
 def batch_slots(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group a batch by slot: one entry per mapped evaluate task, in map-index order.
 
-    Each slot is ``{"slot", "trial_numbers", "trials", "label", "round", "study"}``; ``label`` names
-    the task in the grid before it runs (a slot of one trial keeps the trial's own label).
+    Each slot is ``{"slot", "trial_numbers", "trials", "label", "round", "study", "trial_timeout"}``;
+    ``label`` names the task in the grid before it runs (one trial: the trial's own label).
     """
     by_slot: dict[int, list[dict[str, Any]]] = {}
     for entry in batch:
@@ -496,13 +501,14 @@ def batch_slots(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "label": slot_label(trials),
             "round": trials[0]["round"],
             "study": trials[0]["study"],
+            "trial_timeout": trials[0].get("trial_timeout"),
         }
         for slot, trials in sorted(by_slot.items())
     ]
 
 
 def slot_label(trials: list[dict[str, Any]]) -> str:
-    """Display name of a slot task: its trial's label, or ``trials 8–11`` / ``trials 3, 5, 9``."""
+    """Display name of a slot task: its trial's label, or its trial numbers (``trials 8-11``)."""
     if len(trials) == 1:
         return str(trials[0]["label"])
     numbers = [int(t["trial_number"]) for t in trials]

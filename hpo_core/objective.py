@@ -34,8 +34,10 @@ class TrialContext:
         round_number: int,
         mlflow_run_id: str | None,
         attempt: int = 1,
+        mlflow_client: Any = None,
     ) -> None:
         self._trial = trial
+        self._mlflow_client = mlflow_client
         self.spec = spec
         self.params = dict(params)
         self.seed = seed
@@ -67,23 +69,33 @@ class TrialContext:
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         """Log a metric to the trial's MLflow run."""
-        if self.mlflow_run_id is None:
-            return
-        import mlflow
-
-        mlflow.log_metric(key, float(value), step=step, run_id=self.mlflow_run_id)
+        self.log_metrics({key: value}, step=step)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log several metrics at once."""
-        for key, value in metrics.items():
-            self.log_metric(key, value, step=step)
+        """Log several metrics at once (one call to the tracking server)."""
+        if self.mlflow_run_id is None or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(
+            self.mlflow_run_id,
+            metrics=[Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()],
+        )
 
     def set_tag(self, key: str, value: str) -> None:
         """Tag the trial's MLflow run."""
         if self.mlflow_run_id is not None:
+            self._client().set_tag(self.mlflow_run_id, key, str(value))
+
+    def _client(self) -> Any:
+        if self._mlflow_client is None:
             import mlflow
 
-            mlflow.MlflowClient().set_tag(self.mlflow_run_id, key, str(value))
+            self._mlflow_client = mlflow.MlflowClient()
+        return self._mlflow_client
 
     def set_lineage(self, *, data_fingerprint: str | None = None, code_version: str | None = None) -> None:
         """Record what the model was trained on; copied to the registered model version."""

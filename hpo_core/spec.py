@@ -451,6 +451,11 @@ class StudySpec(_Frozen):
         return self.directions is not None
 
     @property
+    def trials_per_task_limit(self) -> int:
+        """The most trials one mapped evaluate task may hold: the largest batch, or the spec's own k."""
+        return max(self.budget.batch_size_limit, self.worker.trials_per_task)
+
+    @property
     def all_directions(self) -> list[str]:
         """Directions as a list, one per objective."""
         return list(self.directions) if self.directions is not None else [str(self.direction)]

@@ -20,11 +20,13 @@ Exit codes: 0 the trial is finished (now or before), 1 the trial failed, 2 usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -32,7 +34,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,6 +88,27 @@ class TrialOutcome:
     def to_json(self) -> str:
         """One line of JSON."""
         return json.dumps(self.__dict__, default=str)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the trial has a usable final state (COMPLETE or PRUNED, now or before)."""
+        return self.state in (TrialState.COMPLETE.name, TrialState.PRUNED.name)
+
+    def summary(self) -> str:
+        """One line for the task log: ``trial 9 (retry of 4): COMPLETE 0.9931``."""
+        head = f"trial {self.trial_number}"
+        if self.trial_number != self.requested:
+            head += f" (for trial {self.requested})"
+        if self.retry_of is not None:
+            head += f" (retry of {self.retry_of})"
+        text = f"{head}: {self.state}"
+        if self.values:
+            text += " " + ", ".join(f"{v:.6g}" for v in self.values)
+        if self.already_finished:
+            text += " (already finished: not evaluated again)"
+        if self.reason and not self.ok:
+            text += f": {self.reason}"
+        return text
 
 
 def resolve_trial(study: optuna.Study, requested: int, *, attempt: int) -> tuple[FrozenTrial, bool]:
@@ -166,6 +189,52 @@ def _create_replacement(
     return created
 
 
+def run_slot(
+    *,
+    deployment: Deployment,
+    study_name: str,
+    trial_numbers: Sequence[int],
+    attempt: int = 1,
+    timeout: float | None = None,
+    relay: Callable[[str], None] | None = None,
+) -> list[TrialOutcome]:
+    """Evaluate the mapped trials ``trial_numbers`` of one slot, in sequence, in this warm process.
+
+    The study, the storage and the MLflow client are opened once for the slot and the objective is
+    imported once; each trial's objective then runs in a child forked from this process, so a crash,
+    a hang or a SIGKILL ends only that trial, which this process closes with its reason. Every
+    trial's result is told to the storage as soon as it finishes. A trial that fails does not stop
+    the others; a trial already finished (a retry of the slot) is reported, not evaluated again.
+
+    Args:
+        relay: called with each line the objective prints or logs (the task log); default: this
+            process's stderr.
+
+    Raises:
+        HpoError: the study cannot be loaded (a setup error: no trial was touched).
+    """
+    slot = _Slot.open(deployment, study_name, attempt=attempt, timeout=timeout, relay=relay)
+    outcomes: list[TrialOutcome] = []
+    for number in trial_numbers:
+        if slot.stopping:
+            log.warning("trial %d not started: the worker was asked to stop", number)
+            outcomes.append(
+                TrialOutcome(number, number, "NOT_STARTED", reason="the worker was asked to stop")
+            )
+            continue
+        try:
+            outcome = slot.run(number)
+        except (HpoError, ObjectiveError) as e:  # e.g. no such trial: nothing was evaluated
+            log.error("trial %d: %s", number, e)
+            outcome = TrialOutcome(number, number, "ERROR", reason=str(e))
+        except Exception as e:  # a storage or tracking outage: the slot's other trials still run
+            log.exception("trial %d could not be evaluated", number)
+            outcome = TrialOutcome(number, number, "ERROR", reason=f"worker error: {_brief(e)}")
+        outcomes.append(outcome)
+        log.info("%s", outcome.summary())
+    return outcomes
+
+
 def run_trial(
     *,
     deployment: Deployment,
@@ -174,24 +243,14 @@ def run_trial(
     attempt: int = 1,
     timeout: float | None = None,
 ) -> TrialOutcome:
-    """Evaluate mapped trial ``trial_number`` of ``study_name`` (see the module docstring).
-
-    The trial is evaluated only under its :class:`~hpo_core.storage.TrialClaim`, so a second worker
-    started for it at the same time waits and reports the first one's result instead of running it.
-    """
-    claims: list[TrialClaim] = []
-    try:
-        return _run_trial(
-            claims,
-            deployment=deployment,
-            study_name=study_name,
-            trial_number=trial_number,
-            attempt=attempt,
-            timeout=timeout,
-        )
-    finally:
-        for claim in claims:
-            claim.release()
+    """Evaluate mapped trial ``trial_number`` of ``study_name``: a slot of one trial."""
+    return run_slot(
+        deployment=deployment,
+        study_name=study_name,
+        trial_numbers=[trial_number],
+        attempt=attempt,
+        timeout=timeout,
+    )[0]
 
 
 def _claim(
@@ -233,141 +292,209 @@ def _log_claimed(study: optuna.Study, frozen: FrozenTrial) -> None:
     )
 
 
-def _run_trial(
-    claims: list[TrialClaim],
-    *,
-    deployment: Deployment,
-    study_name: str,
-    trial_number: int,
-    attempt: int,
-    timeout: float | None,
-) -> TrialOutcome:
-    study, spec = _storage_call(
-        "load the study", lambda: engine.load_study(deployment.storage_url, study_name)
-    )
-    if timeout is None:
-        timeout = float(spec.trial.execution_timeout)
-    interval = heartbeat_interval(spec)
+@dataclass
+class _Evaluation:
+    """What the forked child reports about one objective call."""
 
-    def resolve_and_claim() -> tuple[FrozenTrial, bool, dict[str, Any] | None]:
-        frozen, finished = resolve_trial(study, trial_number, attempt=attempt)
-        abandoned = frozen.user_attrs.get(T_WORKER) if not finished else None
-        if abandoned is not None:
+    state: str = TrialState.FAIL.name
+    values: list[float] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    error_text: str | None = None
+    model_uri: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
+class _Slot:
+    """One warm worker: the study, its spec, the MLflow client and the objective, loaded once."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Deployment,
+        study: optuna.Study,
+        spec: StudySpec,
+        attempt: int,
+        timeout: float,
+        relay: Callable[[str], None],
+    ) -> None:
+        self.deployment, self.study, self.spec = deployment, study, spec
+        self.attempt, self.timeout, self.relay = attempt, timeout, relay
+        self.interval = heartbeat_interval(spec)
+        self.stopping = False
+        attrs = _storage_call("read the study", lambda: study.user_attrs)
+        self.config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
+        self.parent_run = attrs.get(engine.ATTR_PARENT_RUN)
+        self.experiment_id = attrs.get(engine.ATTR_EXPERIMENT)
+        from hpo_core import tracking
+
+        self.mlflow = tracking.client(deployment)
+        try:  # warm: imported once here, every trial's child inherits it
+            self.objective: Callable[..., Any] | None = import_callable(spec.objective)
+        except Exception:  # reported per trial, with its traceback, by the child that imports again
+            self.objective = None
+
+    @classmethod
+    def open(
+        cls,
+        deployment: Deployment,
+        study_name: str,
+        *,
+        attempt: int,
+        timeout: float | None,
+        relay: Callable[[str], None] | None,
+    ) -> _Slot:
+        study, spec = _storage_call(
+            "load the study", lambda: engine.load_study(deployment.storage_url, study_name)
+        )
+        return cls(
+            deployment=deployment,
+            study=study,
+            spec=spec,
+            attempt=attempt,
+            timeout=float(timeout if timeout is not None else spec.trial.execution_timeout),
+            relay=relay or _relay_to_stderr,
+        )
+
+    def run(self, requested: int) -> TrialOutcome:
+        """Resolve, claim and evaluate mapped trial ``requested`` (see the module docstring)."""
+        claims: list[TrialClaim] = []
+        try:
+            return self._run(requested, claims)
+        finally:
+            for claim in claims:
+                claim.release()
+
+    def _resolve_and_claim(
+        self, requested: int, claims: list[TrialClaim]
+    ) -> tuple[FrozenTrial, bool, dict[str, Any] | None]:
+        study, attempt = self.study, self.attempt
+        frozen, finished = resolve_trial(study, requested, attempt=attempt)
+        if not finished and frozen.user_attrs.get(T_WORKER) is not None:
             # An earlier attempt started this trial and did not report: take it over once it is gone.
-            frozen = _await_previous_attempt(study, frozen, interval=interval, limit=timeout or interval)
-            frozen, finished = resolve_trial(study, trial_number, attempt=attempt)
+            frozen = _await_previous_attempt(
+                study, frozen, interval=self.interval, limit=self.timeout or self.interval
+            )
+            frozen, finished = resolve_trial(study, requested, attempt=attempt)
         if not finished:
             frozen, finished = _claim(
-                study, deployment.storage_url, frozen, trial_number, attempt=attempt, claims=claims
+                study, self.deployment.storage_url, frozen, requested, attempt=attempt, claims=claims
             )
         return frozen, finished, frozen.user_attrs.get(T_WORKER) if not finished else None
 
-    frozen, finished, abandoned = _storage_call(f"trial {trial_number}: resolve and claim", resolve_and_claim)
-    retry_of = frozen.user_attrs.get(engine.T_RETRY_OF)
-    if finished:
-        log.info("trial %d is already %s: not evaluating it again", frozen.number, frozen.state.name)
-        return TrialOutcome(
-            frozen.number,
-            trial_number,
-            frozen.state.name,
-            frozen.values,
-            frozen.user_attrs.get(engine.FAIL_REASON),
-            retry_of,
-            True,
+    def _run(self, requested: int, claims: list[TrialClaim]) -> TrialOutcome:
+        study, attempt = self.study, self.attempt
+        frozen, finished, abandoned = _storage_call(
+            f"trial {requested}: resolve and claim", lambda: self._resolve_and_claim(requested, claims)
         )
-    trial = _storage_call("read the trial", lambda: optuna.trial.Trial(study, frozen._trial_id))
-    study_attrs = _storage_call("read the study", lambda: study.user_attrs)
-    storage = study._storage
-    trial_id = frozen._trial_id
+        retry_of = frozen.user_attrs.get(engine.T_RETRY_OF)
+        if finished:
+            log.info("trial %d is already %s: not evaluating it again", frozen.number, frozen.state.name)
+            return TrialOutcome(
+                frozen.number,
+                requested,
+                frozen.state.name,
+                frozen.values,
+                frozen.user_attrs.get(engine.FAIL_REASON),
+                retry_of,
+                True,
+            )
+        storage, trial_id = study._storage, frozen._trial_id
 
-    def set_attr(key: str, value: Any) -> None:
-        _storage_call(
-            f"trial {frozen.number}: set {key}", lambda: storage.set_trial_user_attr(trial_id, key, value)
+        def set_attr(key: str, value: Any) -> None:
+            _storage_call(
+                f"trial {frozen.number}: set {key}", lambda: storage.set_trial_user_attr(trial_id, key, value)
+            )
+
+        now = time.time()
+        worker = {"host": socket.gethostname(), "pid": os.getpid(), "attempt": attempt, "started_at": now}
+        set_attr(T_WORKER, worker)
+        set_attr(T_HEARTBEAT, now)
+        params = dict(frozen.params)
+        log.info("trial %d (attempt %d) params: %s", frozen.number, attempt, json.dumps(params, default=str))
+        from hpo_core import tracking
+
+        if abandoned is not None:
+            taken_over = (
+                f"attempt {abandoned.get('attempt')} (pid {abandoned.get('pid')} on {abandoned.get('host')}) "
+                f"ended without reporting a result; attempt {attempt} took the trial over"
+            )
+            log.warning("trial %d: %s", frozen.number, taken_over)
+            previous_run = frozen.user_attrs.get(engine.T_MLFLOW_RUN)
+            if previous_run:
+                tracking.fail_trial_run(self.mlflow, previous_run, reason=f"worker lost: {taken_over}")
+        round_number = int(frozen.user_attrs.get(engine.T_ROUND) or 0)
+        run_tags = {
+            "hpo.study": study.study_name,
+            "hpo.trial_number": str(frozen.number),
+            "hpo.round": str(frozen.user_attrs.get(engine.T_ROUND)),
+            "hpo.attempt": str(attempt),
+            "hpo.role": "trial",
+            "mlflow.runName": f"trial {frozen.number} · attempt {attempt}",
+        }
+        if self.parent_run:
+            run_tags["mlflow.parentRunId"] = self.parent_run
+        if retry_of is not None:
+            run_tags["hpo.retry_of"] = str(retry_of)
+        run_id = _start_trial_run(
+            self.mlflow,
+            experiment_id=self.experiment_id,
+            run_name=run_tags["mlflow.runName"],
+            tags=run_tags,
+            params=tracking.flat_params(params),
         )
+        set_attr(engine.T_MLFLOW_RUN, run_id)
+        result = self._evaluate(frozen, params, run_id=run_id, round_number=round_number)
+        return self._record(frozen, requested, params, result, run_id=run_id, retry_of=retry_of)
 
-    set_attr(
-        T_WORKER,
-        {"host": socket.gethostname(), "pid": os.getpid(), "attempt": attempt, "started_at": time.time()},
-    )
-    set_attr(T_HEARTBEAT, time.time())
-    params = dict(frozen.params)
-    log.info("trial %d (attempt %d) params: %s", frozen.number, attempt, json.dumps(params, default=str))
-
-    from hpo_core import tracking
-
-    mlflow_client = tracking.client(deployment)
-    import mlflow
-
-    if abandoned is not None:
-        taken_over = (
-            f"attempt {abandoned.get('attempt')} (pid {abandoned.get('pid')} on {abandoned.get('host')}) "
-            f"ended without reporting a result; attempt {attempt} took the trial over"
+    def _evaluate(
+        self, frozen: FrozenTrial, params: dict[str, Any], *, run_id: str, round_number: int
+    ) -> _Evaluation:
+        """Run the objective in a forked child (its crash, hang or kill ends only this trial)."""
+        seed = (self.config.seed or 0) * 100_003 + frozen.number
+        child = _Child.fork(
+            lambda: _evaluate_in_child(
+                self, frozen, params, run_id=run_id, seed=seed, round_number=round_number
+            )
         )
-        log.warning("trial %d: %s", frozen.number, taken_over)
-        previous_run = frozen.user_attrs.get(engine.T_MLFLOW_RUN)
-        if previous_run:
-            tracking.fail_trial_run(mlflow_client, previous_run, reason=f"worker lost: {taken_over}")
-
-    config = engine.RunConfig(**study_attrs[engine.ATTR_RUN_CONFIG])
-    seed = (config.seed or 0) * 100_003 + frozen.number
-    parent = study_attrs.get(engine.ATTR_PARENT_RUN)
-    experiment_id = study_attrs.get(engine.ATTR_EXPERIMENT)
-    run_tags = {
-        "hpo.study": study_name,
-        "hpo.trial_number": str(frozen.number),
-        "hpo.round": str(frozen.user_attrs.get(engine.T_ROUND)),
-        "hpo.attempt": str(attempt),
-        "hpo.role": "trial",
-    }
-    if parent:
-        run_tags["mlflow.parentRunId"] = parent
-    if retry_of is not None:
-        run_tags["hpo.retry_of"] = str(retry_of)
-    heartbeat = _Heartbeat(storage, frozen._trial_id, interval=interval)
-    state, values, reason = TrialState.FAIL, None, None
-    error_text = None
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"trial {frozen.number} · attempt {attempt}", tags=run_tags
-    ) as child:
-        set_attr(engine.T_MLFLOW_RUN, child.info.run_id)
-        mlflow.log_params(tracking.flat_params(params))
-        ctx = TrialContext(
-            trial=trial,
-            spec=spec,
-            params=params,
-            seed=seed,
-            round_number=int(frozen.user_attrs.get(engine.T_ROUND) or 0),
-            mlflow_run_id=child.info.run_id,
-            attempt=attempt,
-        )
+        # Started after the fork: the child must not inherit a thread that may hold a lock.
+        heartbeat = _Heartbeat(self.study._storage, frozen._trial_id, interval=self.interval)
         heartbeat.start()
+        hard_limit = self.timeout + CHILD_KILL_GRACE if self.timeout else None
         try:
-            with _time_limit(timeout), _terminate_on_sigterm():
-                objective = import_callable(spec.objective)
-                result = call_objective(objective, ctx, trial)
-            values, extra = normalize_result(spec, result)
-            state = TrialState.COMPLETE
-            metrics = dict(zip(spec.objective_metrics, values, strict=True)) | extra
-            mlflow.log_metrics(metrics)
-            set_attr(engine.T_METRICS, metrics)
-        except optuna.TrialPruned as e:
-            state, reason = TrialState.PRUNED, f"pruned: {e}" if str(e) else "pruned"
-        except TrialTimeout:
-            # The traceback shows where the objective was when it was stopped.
-            reason = f"timeout: the objective ran longer than {timeout:.0f}s"
-            error_text = traceback.format_exc()
-        except TrialTerminated:
-            reason = "terminated: the worker received SIGTERM (task killed or timed out)"
-            error_text = traceback.format_exc()
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
-            error_text = traceback.format_exc()
+            return child.wait(relay=self.relay, hard_limit=hard_limit, timeout=self.timeout)
+        except BaseException:
+            # Airflow stops the task (timeout, kill, state changed from outside): stop the trial so
+            # it records why, then let the caller handle it.
+            self.stopping = True
+            result = child.terminate(relay=self.relay)
+            if result is not None:
+                self._record(frozen, frozen.number, params, result, run_id=run_id, retry_of=None)
+            raise
         finally:
             heartbeat.stop()
-        if ctx.model_uri:
-            set_attr(engine.T_MODEL_URI, ctx.model_uri)
-        if ctx.lineage:
-            set_attr(engine.T_LINEAGE, ctx.lineage)
+
+    def _record(
+        self,
+        frozen: FrozenTrial,
+        requested: int,
+        params: dict[str, Any],
+        result: _Evaluation,
+        *,
+        run_id: str,
+        retry_of: Any,
+    ) -> TrialOutcome:
+        """Tell the storage and close the MLflow run: the slot process does it, whatever the child did."""
+        storage, trial_id = self.study._storage, frozen._trial_id
+        attrs: dict[str, Any] = {}
+        if result.model_uri:
+            attrs[engine.T_MODEL_URI] = result.model_uri
+        if result.lineage:
+            attrs[engine.T_LINEAGE] = result.lineage
+        state = TrialState[result.state]
+        if state == TrialState.COMPLETE:
+            attrs[engine.T_METRICS] = result.metrics
+        reason = result.reason
         if state == TrialState.FAIL:
             reason = reason or "unknown failure"
             log.error(
@@ -375,21 +502,349 @@ def _run_trial(
                 frozen.number,
                 reason,
                 json.dumps(params, default=str),
-                traceback_tail(error_text or ""),
+                traceback_tail(result.error_text or ""),
             )
-            set_attr(engine.FAIL_REASON, reason[:2000])
-            mlflow.set_tag("hpo.error", reason[:5000])
-            mlflow.log_text(
-                f"trial {frozen.number} failed (attempt {attempt})\n"
-                f"params: {json.dumps(params, default=str)}\n{reason}\n\n" + (error_text or ""),
-                tracking.ERROR_ARTIFACT,
+            attrs[engine.FAIL_REASON] = reason[:2000]
+        for key, value in attrs.items():
+            _storage_call(
+                f"trial {frozen.number}: set {key}",
+                functools.partial(storage.set_trial_user_attr, trial_id, key, value),
             )
-            mlflow.end_run(status="FAILED")
-        elif state == TrialState.PRUNED:
-            mlflow.set_tag("hpo.pruned", reason or "pruned")
-            mlflow.end_run(status="KILLED")
-    _tell(study, frozen, state=state, values=values)
-    return TrialOutcome(frozen.number, trial_number, state.name, values, reason, retry_of)
+        _finish_trial_run(
+            self.mlflow,
+            run_id,
+            state=state.name,
+            metrics=result.metrics if state == TrialState.COMPLETE else {},
+            reason=reason,
+            error_text=(
+                f"trial {frozen.number} failed (attempt {self.attempt})\n"
+                f"params: {json.dumps(params, default=str)}\n{reason}\n\n" + (result.error_text or "")
+                if state == TrialState.FAIL
+                else None
+            ),
+        )
+        _tell(self.study, frozen, state=state, values=result.values if state == TrialState.COMPLETE else None)
+        return TrialOutcome(frozen.number, requested, state.name, result.values, reason, retry_of)
+
+
+def _evaluate_in_child(
+    slot: _Slot,
+    frozen: FrozenTrial,
+    params: dict[str, Any],
+    *,
+    run_id: str,
+    seed: int,
+    round_number: int,
+) -> _Evaluation:
+    """The objective call, in the forked child; everything it logs goes to the slot's relay."""
+    import mlflow
+
+    spec, result = slot.spec, _Evaluation()
+    # The objective may use MLflow's fluent API (mlflow.log_metric, autolog, log_model): its run is
+    # the trial's. Made active without a call to the tracking server.
+    mlflow.start_run(run_id=run_id, nested=True)
+    trial = optuna.trial.Trial(slot.study, frozen._trial_id)
+    ctx = TrialContext(
+        trial=trial,
+        spec=spec,
+        params=params,
+        seed=seed,
+        round_number=round_number,
+        mlflow_run_id=run_id,
+        attempt=slot.attempt,
+        mlflow_client=slot.mlflow,
+    )
+    try:
+        with _time_limit(slot.timeout), _terminate_on_sigterm():
+            objective = slot.objective or import_callable(spec.objective)
+            returned = call_objective(objective, ctx, trial)
+        values, extra = normalize_result(spec, returned)
+        result.state, result.values = TrialState.COMPLETE.name, values
+        result.metrics = dict(zip(spec.objective_metrics, values, strict=True)) | extra
+    except optuna.TrialPruned as e:
+        result.state, result.reason = TrialState.PRUNED.name, f"pruned: {e}" if str(e) else "pruned"
+    except TrialTimeout:
+        # The traceback shows where the objective was when it was stopped.
+        result.reason = f"timeout: the objective ran longer than {slot.timeout:.0f}s"
+        result.error_text = traceback.format_exc()
+    except TrialTerminated:
+        result.reason = "terminated: the worker received SIGTERM (task killed or timed out)"
+        result.error_text = traceback.format_exc()
+    except Exception as e:
+        result.reason = f"{type(e).__name__}: {e}"
+        result.error_text = traceback.format_exc()
+    result.model_uri, result.lineage = ctx.model_uri, dict(ctx.lineage)
+    return result
+
+
+def _start_trial_run(
+    mlflow_client: Any,
+    *,
+    experiment_id: str | None,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+) -> str:
+    """Create the trial's MLflow child run and log its params: two calls, no fluent run."""
+    from mlflow.entities import Param
+
+    run = mlflow_client.create_run(experiment_id or "0", run_name=run_name, tags=tags)
+    run_id = str(run.info.run_id)
+    if params:
+        mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    return run_id
+
+
+def _finish_trial_run(
+    mlflow_client: Any,
+    run_id: str,
+    *,
+    state: str,
+    metrics: dict[str, float],
+    reason: str | None,
+    error_text: str | None,
+) -> None:
+    """Close the trial's run: metrics (COMPLETE), tags and ``error.txt`` (FAIL), in few calls."""
+    from mlflow.entities import Metric, RunTag
+
+    from hpo_core import tracking
+
+    now = int(time.time() * 1000)
+    tags: list[RunTag] = []
+    if state == TrialState.FAIL.name:
+        tags.append(RunTag("hpo.error", (reason or "unknown failure")[:5000]))
+    elif state == TrialState.PRUNED.name:
+        tags.append(RunTag("hpo.pruned", reason or "pruned"))
+    if metrics or tags:
+        mlflow_client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags
+        )
+    if error_text is not None:
+        mlflow_client.log_text(run_id, error_text, tracking.ERROR_ARTIFACT)
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+    mlflow_client.set_terminated(run_id, status=status)
+
+
+def _relay_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+#: Seconds a trial's child may run past the trial timeout (its own SIGALRM) before it is killed.
+CHILD_KILL_GRACE = 30.0
+#: Seconds a child gets to record why it stops after SIGTERM, before SIGKILL.
+CHILD_TERM_GRACE = 10.0
+_CHILD_CRASH = 70
+_PR_SET_PDEATHSIG = 1
+
+
+class _Child:
+    """A forked child evaluating one trial; its output is relayed line by line, its result read once."""
+
+    def __init__(self, pid: int, log_fd: int, result_fd: int) -> None:
+        self.pid, self.log_fd, self.result_fd = pid, log_fd, result_fd
+        self._pending = b""
+        self._result = bytearray()
+        self._status: int | None = None
+
+    @classmethod
+    def fork(cls, body: Callable[[], _Evaluation]) -> _Child:
+        log_r, log_w = os.pipe()
+        result_r, result_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = _CHILD_CRASH
+            try:
+                os.close(log_r)
+                os.close(result_r)
+                _become_trial_process(log_w, parent)
+                evaluation = body()
+                _write_all(result_w, json.dumps(asdict(evaluation), default=str).encode())
+                code = 0
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    traceback.print_exc()
+            finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        os.close(log_w)
+        os.close(result_w)
+        return cls(pid, log_r, result_r)
+
+    def _pump(self, relay: Callable[[str], None], wait: float) -> bool:
+        """Read what is there (up to ``wait`` seconds); return whether both pipes reached EOF."""
+        fds = [fd for fd in (self.log_fd, self.result_fd) if fd >= 0]
+        if not fds:
+            return True
+        ready, _, _ = select.select(fds, [], [], wait)
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if fd == self.log_fd:
+                if not chunk:
+                    os.close(self.log_fd)
+                    self.log_fd = -1
+                    if self._pending:
+                        relay(self._pending.decode(errors="replace"))
+                        self._pending = b""
+                    continue
+                self._pending += chunk
+                *lines, self._pending = self._pending.split(b"\n")
+                for line in lines:
+                    relay(line.decode(errors="replace"))
+            elif not chunk:
+                os.close(self.result_fd)
+                self.result_fd = -1
+            else:
+                self._result += chunk
+        return self.log_fd < 0 and self.result_fd < 0
+
+    def _reap(self) -> bool:
+        if self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return False
+            self._status = status
+        return True
+
+    def wait(
+        self, *, relay: Callable[[str], None], hard_limit: float | None, timeout: float | None
+    ) -> _Evaluation:
+        """Relay the child's output until it exits; kill it past ``hard_limit`` seconds."""
+        deadline = time.monotonic() + hard_limit if hard_limit else None
+        killed = False
+        while True:
+            done = self._pump(relay, 0.5)
+            if self._reap():
+                # A process the objective started may still hold the pipes: take what is there.
+                end = time.monotonic() + 2.0
+                while not done and time.monotonic() < end:
+                    done = self._pump(relay, 0.1)
+                break
+            if deadline is not None and not killed and time.monotonic() > deadline:
+                log.error("trial process %d did not stop at its timeout: killing it", self.pid)
+                self._signal(signal.SIGKILL)
+                killed = True
+        self._close()
+        if killed and not self._result:
+            return _Evaluation(
+                reason=f"timeout: the objective ran longer than {timeout or 0:.0f}s and did not stop; killed"
+            )
+        return self._evaluation()
+
+    def terminate(self, *, relay: Callable[[str], None]) -> _Evaluation | None:
+        """Ask the child to stop (it records why), then kill it; its evaluation if it gave one."""
+        if self._status is None:
+            self._signal(signal.SIGTERM)
+            end = time.monotonic() + CHILD_TERM_GRACE
+            while not self._reap() and time.monotonic() < end:
+                self._pump(relay, 0.2)
+            if not self._reap():
+                self._signal(signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                self._status = -1
+        with contextlib.suppress(OSError):
+            self._pump(relay, 0.1)
+        self._close()
+        return self._evaluation() if self._result else None
+
+    def _signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)  # the child leads its own session: its helpers go too
+
+    def _close(self) -> None:
+        for name in ("log_fd", "result_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def _evaluation(self) -> _Evaluation:
+        if self._result:
+            try:
+                return _Evaluation(**json.loads(bytes(self._result)))
+            except (ValueError, TypeError) as e:
+                return _Evaluation(reason=f"the trial's process sent an unreadable result ({e})")
+        return _Evaluation(reason=_exit_reason(self._status))
+
+
+def _exit_reason(status: int | None) -> str:
+    """Why a trial's process ended without a result, from its wait status."""
+    if status is not None and status >= 0 and os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        hint = " (out of memory, or killed from outside)" if signum == signal.SIGKILL else ""
+        return f"killed: the trial's process was killed by {name} before it reported a result{hint}"
+    code = os.WEXITSTATUS(status) if status is not None and status >= 0 else None
+    if code == _CHILD_CRASH:
+        return "crashed: the trial's process failed outside the objective; see the traceback above"
+    return f"exited: the trial's process exited with code {code} without reporting a result"
+
+
+def _become_trial_process(log_fd: int, parent: int) -> None:
+    """Set up a freshly forked child: own session, dies with its parent, output to the relay pipe."""
+    os.setsid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(_CHILD_CRASH)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.close(fd)
+
+
+_FORK_OWNER = os.getpid()
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _install_fork_guard() -> None:
+    """Never share a pooled database connection across fork (SQLAlchemy's documented recipe).
+
+    A connection checked out in a process other than the one that opened it is dropped from that
+    process's pool without being closed (the other process still uses it), and a new one opened.
+    """
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    if not event.contains(Pool, "checkout", _checkout_in_own_process):
+        event.listen(Pool, "connect", _remember_owner)
+        event.listen(Pool, "checkout", _checkout_in_own_process)
+
+
+def _remember_owner(dbapi_connection: Any, record: Any) -> None:
+    record.info["hpo_pid"] = os.getpid()
+
+
+def _checkout_in_own_process(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    from sqlalchemy import exc
+
+    owner = record.info.setdefault("hpo_pid", _FORK_OWNER)
+    if owner != os.getpid():
+        record.dbapi_connection = proxy.dbapi_connection = None
+        raise exc.DisconnectionError(f"connection opened by process {owner}, not {os.getpid()}")
 
 
 def heartbeat_interval(spec: StudySpec) -> float:
@@ -577,38 +1032,57 @@ class _terminate_on_sigterm:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hpo_core.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--study-name", required=True, help="Optuna study name")
-    parser.add_argument("--trial-number", required=True, type=int, help="trial number chosen by suggest")
+    parser.add_argument(
+        "--trial-number",
+        required=True,
+        type=int,
+        action="append",
+        dest="trial_numbers",
+        help="trial number chosen by suggest; repeat it for a slot of several trials (run in order)",
+    )
     parser.add_argument("--attempt", type=int, default=1, help="Airflow try number of this attempt")
     parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds before the trial FAILs (timeout)"
+        "--timeout", type=float, default=None, help="seconds before a trial FAILs (timeout), per trial"
     )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """Command-line entry point; returns the exit code (see the module docstring)."""
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = _parse_args(argv)
+    # SIGTERM (Airflow, Kubernetes): the running trial's process records why it stops, the rest wait.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        outcome = run_trial(
+        outcomes = run_slot(
             deployment=Deployment.from_env(),
             study_name=args.study_name,
-            trial_number=args.trial_number,
+            trial_numbers=args.trial_numbers,
             attempt=args.attempt,
             timeout=args.timeout,
         )
     except (HpoError, ObjectiveError) as e:
-        log.error("cannot run trial %d: %s", args.trial_number, e)
+        log.error("cannot run trials %s: %s", args.trial_numbers, e)
         return EXIT_SETUP
-    print(RESULT_PREFIX + outcome.to_json(), flush=True)
-    if outcome.state == TrialState.FAIL.name:
-        log.error("trial %d FAILED: %s", outcome.trial_number, outcome.reason)
+    except TrialTerminated:
+        log.error("trials %s: the worker received SIGTERM and stopped", args.trial_numbers)
         return EXIT_TRIAL_FAILED
-    return EXIT_OK
+    for outcome in outcomes:
+        print(RESULT_PREFIX + outcome.to_json(), flush=True)
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed:
+        log.error("trial %d %s: %s", outcome.trial_number, outcome.state, outcome.reason)
+    if any(o.state == "ERROR" for o in failed):
+        return EXIT_SETUP
+    return EXIT_TRIAL_FAILED if failed else EXIT_OK
 
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise TrialTerminated()
+
+
+_install_fork_guard()
 
 if __name__ == "__main__":
     sys.exit(main())

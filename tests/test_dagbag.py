@@ -130,9 +130,11 @@ def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
     evaluate = dag.get_task("round_1.evaluate")
     assert evaluate.retries == 3
     assert evaluate.retry_delay.total_seconds() == 7
-    assert evaluate.execution_timeout.total_seconds() == 45 + 60  # worker timeout plus grace
+    # The worker times each trial out itself; Airflow's backstop covers the most trials a slot may
+    # hold (a trigger may raise trials_per_task up to the largest batch), plus a grace.
+    assert evaluate.execution_timeout.total_seconds() == spec.trials_per_task_limit * 45 + 60
     # Named from the task's own argument: rendered before the trial runs, so it stays when it is killed.
-    assert evaluate.map_index_template == "{{ task.op_kwargs['trial']['label'] }}"
+    assert evaluate.map_index_template.startswith("{{ task.op_kwargs['slot']['label'] }}")
     assert dag.get_task("round_1.observe").retries == 1  # control tasks are idempotent: one retry
     assert dag.deadline is None  # no alerts section, no deadline alert
     assert dag.get_task("round_1.observe").trigger_rule == "all_done"

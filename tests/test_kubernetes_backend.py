@@ -63,9 +63,13 @@ class _TI:
         return {"study_name": "quadratic.manual__2026-11-22"}
 
 
-def _operator(monkeypatch: pytest.MonkeyPatch, **worker_changes: Any) -> Any:
+def _operator(
+    monkeypatch: pytest.MonkeyPatch, *, numbers: tuple[int, ...] = (17,), **worker_changes: Any
+) -> Any:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from hpo_airflow.kubernetes import trial_pod_overrides, trial_pod_settings
+    from hpo_airflow.kubernetes import slot_pod_overrides, trial_pod_settings
+
+    from hpo_core import engine
 
     from hpo_core.spec import validate_mapping
 
@@ -73,15 +77,21 @@ def _operator(monkeypatch: pytest.MonkeyPatch, **worker_changes: Any) -> Any:
     monkeypatch.setenv("HPO_STORAGE_URL", SECRET_VALUES["storage"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUES["aws"])
     spec = validate_mapping(study_mapping(worker={**WORKER, **worker_changes}), source="<test>")
-    trial = {
-        "trial_number": 17,
-        "params": {"x": 0.5, "optimizer": "adam"},
-        "label": "trial 17 · x=0.5",
-        "round": 3,
-        "study": "quadratic",
-    }
+    trials = [
+        {
+            "trial_number": n,
+            "params": {"x": 0.5, "optimizer": "adam"},
+            "label": f"trial {n} · x=0.5",
+            "round": 3,
+            "study": "quadratic",
+            "map_index": 0,
+            "trial_timeout": spec.trial.execution_timeout,
+        }
+        for n in numbers
+    ]
+    (slot,) = engine.batch_slots(trials)
     op = KubernetesPodOperator(
-        task_id="evaluate", **trial_pod_settings(spec, env={}), **trial_pod_overrides(trial)
+        task_id="evaluate", **trial_pod_settings(spec, env={}), **slot_pod_overrides(slot)
     )
     context: dict[str, Any] = {"ti": _TI(), "run_id": _TI.run_id, "task": op, "dag": None}
     op.render_template_fields(context)
@@ -134,6 +144,24 @@ def test_pod_builder_sets_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
     assert op.on_finish_action.value == "delete_succeeded_pod"
     assert op.reattach_on_restart is True
     assert op.do_xcom_push is False
+
+
+def test_a_slot_pod_evaluates_its_trials_in_order_within_a_deadline_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pod per slot: every trial number in the arguments, the deadline scaled by the slot size."""
+    op, spec, context = _operator(monkeypatch, numbers=(8, 9, 10))
+    pod = op.build_pod_request_obj(context, dry_run=True)
+    assert pod.spec.containers[0].args == [
+        "--study-name", "quadratic.manual__2026-11-22",
+        "--trial-number", "8", "--trial-number", "9", "--trial-number", "10", "--attempt", "2",
+    ]  # fmt: skip
+    assert pod.spec.active_deadline_seconds == 3 * spec.trial.execution_timeout + 120
+    assert pod.metadata.labels["hpo.dev/trial-number"] == "8.9.10"
+    annotations = pod.metadata.annotations
+    assert annotations["hpo.dev/trial-label"] == "trials 8–10"
+    assert json.loads(annotations["hpo.dev/trials"]) == [8, 9, 10]
+    assert set(json.loads(annotations["hpo.dev/params"])) == {"8", "9", "10"}
 
 
 def test_no_secret_in_the_pod_or_the_templated_fields(monkeypatch: pytest.MonkeyPatch) -> None:

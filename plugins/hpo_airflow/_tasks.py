@@ -6,14 +6,8 @@ DAG file stays cheap and opens no connection.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,14 +16,12 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from hpo_airflow._settings import resolve_deployment
 from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError
-from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
-#: Seconds Airflow waits beyond the worker's own trial timeout before it kills the task.
+#: Seconds Airflow waits beyond the worker's own trial timeouts before it kills the task.
 TIMEOUT_GRACE = 60
-_TERM_GRACE = 10
 
 
 def start(spec: StudySpec) -> dict[str, Any]:
@@ -81,90 +73,62 @@ def suggest(study: Mapping[str, Any], round_number: int) -> list[dict[str, Any]]
     return slots
 
 
-def evaluate_local(trial: Mapping[str, Any], study: Mapping[str, Any], timeout: int) -> dict[str, Any]:
-    """Run the worker command for one trial as a local subprocess and stream its log."""
+def evaluate_local(
+    slot: Mapping[str, Any], study: Mapping[str, Any], timeout: int, *, maximize: bool = False
+) -> list[dict[str, Any]]:
+    """Evaluate one slot's trials in this task process, a warm worker (see :func:`hpo_core.worker.run_slot`).
+
+    The stack is already imported here; each trial's objective runs in a child forked from this
+    process, so one trial's crash, hang or kill ends only that trial. The task fails when any of its
+    trials failed, its log listing every trial's outcome; a retry evaluates only the unfinished ones.
+    """
+    from hpo_core import worker
+
     context = get_current_context()
     ti = context["ti"]
     deployment = resolve_deployment()
-    cmd = [
-        sys.executable,
-        "-m",
-        "hpo_core.worker",
-        *worker_arguments(
-            study_name=study["study_name"],
-            trial_number=trial["trial_number"],
-            attempt=ti.try_number,
-            timeout=timeout,
-        ),
-    ]
-    env = {**os.environ, **deployment.worker_env(), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    log.info("evaluating %s (attempt %s)", trial["label"], ti.try_number)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    numbers = [int(n) for n in slot["trial_numbers"]]
+    log.info("evaluating %s (attempt %s): trials %s", slot["label"], ti.try_number, numbers)
+    outcomes = worker.run_slot(
+        deployment=deployment,
+        study_name=study["study_name"],
+        trial_numbers=numbers,
+        attempt=ti.try_number,
+        timeout=timeout,
+        relay=_relay,
     )
-    outcome: dict[str, Any] = {}
-    # Airflow stops a task whose run timed out or whose state was changed from outside with SIGTERM
-    # (then SIGKILL): pass it on, so the worker, in a session of its own, records why it stopped.
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def forward_sigterm(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        if callable(previous):
-            previous(signum, frame)
-
-    forwarding = previous is not None and threading.current_thread() is threading.main_thread()
-    if forwarding:
-        signal.signal(signal.SIGTERM, forward_sigterm)
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            if line.startswith("HPO_RESULT "):
-                outcome = json.loads(line.removeprefix("HPO_RESULT "))
-            log.info("%s", line)
-        code = proc.wait()
-    except BaseException:
-        # Task timeout or kill: stop the worker so it records why, then let Airflow handle it.
-        _terminate(proc)
-        raise
-    finally:
-        if forwarding:
-            signal.signal(signal.SIGTERM, previous)
-    if code != 0:
-        reason = outcome.get("reason") or _exit_reason(code)
-        raise AirflowException(f"{trial['label']} failed: {reason}")
-    return {
-        "trial_number": outcome.get("trial_number"),
-        "state": outcome.get("state"),
-        "values": outcome.get("values"),
-    }
+    failed = [o for o in outcomes if not o.ok]
+    log.info("slot outcome (%d trials):", len(outcomes))
+    for outcome in outcomes:
+        (log.warning if not outcome.ok else log.info)("  %s", outcome.summary())
+    if len(numbers) > 1:
+        # Rendered again after the task ends: the grid shows how the slot went.
+        context[SLOT_STATUS_KEY] = _slot_status(outcomes, maximize=maximize)  # type: ignore[literal-required]
+    if failed:
+        what = "; ".join(f"trial {o.trial_number}: {o.reason}" for o in failed)
+        label = slot["label"] if len(numbers) == 1 else f"{len(failed)} of {len(outcomes)} trials"
+        raise AirflowException(f"{label} failed: {what}")
+    return [{"trial_number": o.trial_number, "state": o.state, "values": o.values} for o in outcomes]
 
 
-def _exit_reason(code: int) -> str:
-    """Why a worker ended without a result, from its exit code."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"the worker was killed by {name} before it reported a result"
-    if code == 2:
-        return "the worker could not start the trial (exit code 2); see its error above"
-    return f"the worker exited with code {code} without reporting a result"
+#: Context key the slot task sets for its name in the grid (see ``factory.SLOT_LABEL_TEMPLATE``).
+SLOT_STATUS_KEY = "hpo_slot_status"
 
 
-def _terminate(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=_TERM_GRACE)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def _slot_status(outcomes: list[Any], *, maximize: bool) -> str:
+    """`` · 3 done · 1 failed · best 0.993``: appended to a slot task's name once it ran."""
+    done = sum(o.ok for o in outcomes)
+    parts = [f"{done} done"]
+    if len(outcomes) - done:
+        parts.append(f"{len(outcomes) - done} failed")
+    values = [o.values[0] for o in outcomes if o.state == "COMPLETE" and o.values]
+    if values:
+        parts.append(f"best {(max if maximize else min)(values):.4g}")
+    return " · " + " · ".join(parts)
+
+
+def _relay(line: str) -> None:
+    log.info("%s", line)
 
 
 def observe(study: Mapping[str, Any] | None, round_number: int) -> dict[str, Any]:

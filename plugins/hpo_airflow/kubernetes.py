@@ -1,7 +1,8 @@
-"""The ``kubernetes`` worker backend: each trial is a KubernetesPodOperator pod.
+"""The ``kubernetes`` worker backend: each slot of a round's batch is a KubernetesPodOperator pod.
 
-:func:`trial_pod_settings` is the one pure function that builds a trial pod's settings from the
-spec (and the deployment's defaults); :func:`trial_pod_overrides` adds what differs per trial.
+:func:`trial_pod_settings` is the one pure function that builds a slot pod's settings from the
+spec (and the deployment's defaults); :func:`slot_pod_overrides` adds what differs per slot (the
+trials it evaluates in sequence, its deadline).
 Both run at parse time: no cluster, database or network is touched. Credentials reach the pod only
 through a Kubernetes Secret (``envFrom``); the arguments carry identifiers only.
 """
@@ -18,10 +19,10 @@ from hpo_core.spec import StudySpec
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_NAMESPACE",
-    "TRIAL_LABEL_ANNOTATION",
+    "SLOT_LABEL_ANNOTATION",
     "WORKER_COMMAND",
     "backend_for",
-    "trial_pod_overrides",
+    "slot_pod_overrides",
     "trial_pod_settings",
 ]
 
@@ -36,8 +37,9 @@ ENV_IN_CLUSTER = "HPO_K8S_IN_CLUSTER"
 DEFAULT_IMAGE = "hpo-worker:latest"
 DEFAULT_NAMESPACE = "hpo-trials"
 WORKER_COMMAND = ["python", "-m", "hpo_core.worker"]
-TRIAL_LABEL_ANNOTATION = "hpo.dev/trial-label"
-#: Seconds the pod may run beyond the worker's own trial timeout (start-up, MLflow upload).
+#: Annotation naming the pod's trials (the mapped task's name in the grid).
+SLOT_LABEL_ANNOTATION = "hpo.dev/trial-label"
+#: Seconds the pod may run beyond the worker's own trial timeouts (start-up, MLflow upload).
 POD_DEADLINE_GRACE = 120
 #: The worker image's non-root user (docker/worker/Dockerfile).
 WORKER_UID = 10001
@@ -107,7 +109,6 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
             k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="2Gi")),
         ],
         "volume_mounts": [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")],
-        "active_deadline_seconds": spec.trial.execution_timeout + POD_DEADLINE_GRACE,
         "startup_timeout_seconds": worker.startup_timeout,
         "on_finish_action": worker.on_finish_action,
         "reattach_on_restart": True,
@@ -126,13 +127,14 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
     return settings
 
 
-def trial_pod_overrides(trial: Mapping[str, Any]) -> dict[str, Any]:
-    """What differs per trial: the worker arguments, and labels/annotations naming the trial.
+def slot_pod_overrides(slot: Mapping[str, Any]) -> dict[str, Any]:
+    """What differs per slot pod: the worker arguments, its deadline, labels/annotations naming it.
 
     Pure and self-contained (Airflow stores its source to map ``suggest``'s output): it reads only
-    the batch entry. The worker takes the trial timeout from the stored spec; the DAG run and the
-    attempt are templates rendered at run time. KubernetesPodOperator adds the dag_id / task_id /
-    run_id / map_index labels it uses to find and reattach pods.
+    the slot entry. One pod evaluates the slot's trials in sequence, each under the trial timeout of
+    the stored spec, so ``activeDeadlineSeconds`` is that timeout times the trials, plus a grace.
+    The DAG run and the attempt are templates rendered at run time. KubernetesPodOperator adds the
+    dag_id / task_id / run_id / map_index labels it uses to find and reattach pods.
     """
     import json
 
@@ -142,25 +144,37 @@ def trial_pod_overrides(trial: Mapping[str, Any]) -> dict[str, Any]:
         text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
         return text[:63].rstrip("-_.") or "none"
 
-    number = trial["trial_number"]
-    return {
+    trials = list(slot.get("trials") or [])
+    numbers = [int(n) for n in slot["trial_numbers"]]
+    timeout = int(slot.get("trial_timeout") or 3600)
+    overrides: dict[str, Any] = {
         "arguments": worker_arguments(
             study_name="{{ ti.xcom_pull(task_ids='start')['study_name'] }}",
-            trial_number=number,
+            trial_numbers=numbers,
             attempt="{{ ti.try_number }}",
             timeout=None,  # the worker takes the trial timeout from the stored spec
         ),
         "labels": {
             "app.kubernetes.io/name": "hpo-trial",
             "app.kubernetes.io/managed-by": "airflow",
-            "hpo.dev/study": label_value(trial.get("study", "")),
-            "hpo.dev/trial-number": str(number),
-            "hpo.dev/round": label_value(trial.get("round", "")),
+            "hpo.dev/study": label_value(slot.get("study", "")),
+            "hpo.dev/trial-number": label_value(".".join(str(n) for n in numbers)),
+            "hpo.dev/round": label_value(slot.get("round", "")),
         },
         "annotations": {
-            "hpo.dev/trial-label": str(trial["label"]),
-            "hpo.dev/study": str(trial.get("study", "")),
+            "hpo.dev/trial-label": str(slot["label"]),
+            "hpo.dev/study": str(slot.get("study", "")),
             "hpo.dev/dag-run": "{{ run_id }}",
-            "hpo.dev/params": json.dumps(dict(trial.get("params") or {}), sort_keys=True, default=str)[:4000],
+            "hpo.dev/trials": json.dumps(numbers),
+            "hpo.dev/params": json.dumps(
+                {str(t["trial_number"]): t.get("params") or {} for t in trials}
+                if len(numbers) > 1
+                else dict((trials[0].get("params") if trials else None) or {}),
+                sort_keys=True,
+                default=str,
+            )[:4000],
         },
     }
+    # The grace is POD_DEADLINE_GRACE, spelled out: this function's source must stand alone.
+    overrides["active_deadline_seconds"] = len(numbers) * timeout + 120
+    return overrides
