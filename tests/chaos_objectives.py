@@ -7,6 +7,8 @@ one-choice categorical parameter, e.g. ``seconds: {type: categorical, choices: [
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -14,7 +16,7 @@ from hpo_core.examples.quadratic import QuadraticModel, quadratic_value
 from hpo_core.objective import TrialContext
 
 #: Objective value of each ``mode`` of :func:`by_mode` that completes.
-MODE_VALUES = {"ok": 1.0, "flaky": 2.0}
+MODE_VALUES = {"ok": 1.0, "flaky": 2.0, "hang_once": 3.0, "kill_once": 4.0}
 
 
 def _finish(value: float, params: dict[str, Any], ctx: TrialContext) -> float:
@@ -40,8 +42,13 @@ def fails_on_first_attempt(params: dict[str, Any], ctx: TrialContext) -> float:
 
 
 def by_mode(params: dict[str, Any], ctx: TrialContext) -> Any:
-    """Behaves as ``params['mode']`` says: ok, flaky (fails on attempt 1), raise, nan, string, hang."""
+    """Behaves as ``params['mode']`` says: ok, flaky (fails on attempt 1), raise, nan, string, hang,
+    kill (SIGKILLs its own process), and ``hang_once`` / ``kill_once`` (only on attempt 1)."""
     mode = params["mode"]
+    if mode == "kill" or (mode == "kill_once" and ctx.attempt == 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "hang_once" and ctx.attempt == 1:
+        time.sleep(3600)
     if mode == "raise":
         raise RuntimeError(f"objective broke on purpose in trial {ctx.number}")
     if mode == "nan":

@@ -104,10 +104,11 @@ def evaluate_local(
     if len(numbers) > 1:
         # Rendered again after the task ends: the grid shows how the slot went.
         context[SLOT_STATUS_KEY] = _slot_status(outcomes, maximize=maximize)  # type: ignore[literal-required]
+    if len(numbers) == 1 and failed:
+        raise AirflowException(f"{slot['label']} failed: {failed[0].reason}")
     if failed:
         what = "; ".join(f"trial {o.trial_number}: {o.reason}" for o in failed)
-        label = slot["label"] if len(numbers) == 1 else f"{len(failed)} of {len(outcomes)} trials"
-        raise AirflowException(f"{label} failed: {what}")
+        raise AirflowException(f"{slot['label']}: {len(failed)} of {len(outcomes)} trials failed: {what}")
     return [{"trial_number": o.trial_number, "state": o.state, "values": o.values} for o in outcomes]
 
 
