@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -214,6 +214,33 @@ def run_slot(
         HpoError: the study cannot be loaded (a setup error: no trial was touched).
     """
     slot = _Slot.open(deployment, study_name, attempt=attempt, timeout=timeout, relay=relay)
+    with _forward_sigterm(slot):
+        return _run_each(slot, trial_numbers)
+
+
+@contextlib.contextmanager
+def _forward_sigterm(slot: _Slot) -> Iterator[None]:
+    """On SIGTERM (Airflow stopping the task, Kubernetes the pod), the running trial's process is
+    asked to stop, so it records why; the slot starts no further trial. Airflow's own handler, if
+    any, still runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum: int, frame: Any) -> None:
+        slot.stop()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_each(slot: _Slot, trial_numbers: Sequence[int]) -> list[TrialOutcome]:
     outcomes: list[TrialOutcome] = []
     for number in trial_numbers:
         if slot.stopping:
@@ -322,6 +349,7 @@ class _Slot:
         self.attempt, self.timeout, self.relay = attempt, timeout, relay
         self.interval = heartbeat_interval(spec)
         self.stopping = False
+        self._child: _Child | None = None
         attrs = _storage_call("read the study", lambda: study.user_attrs)
         self.config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
         self.parent_run = attrs.get(engine.ATTR_PARENT_RUN)
@@ -355,6 +383,13 @@ class _Slot:
             timeout=float(timeout if timeout is not None else spec.trial.execution_timeout),
             relay=relay or _relay_to_stderr,
         )
+
+    def stop(self) -> None:
+        """Stop after the running trial, which is asked to stop now (safe in a signal handler)."""
+        self.stopping = True
+        child = self._child
+        if child is not None:
+            child.ask_to_stop()
 
     def run(self, requested: int) -> TrialOutcome:
         """Resolve, claim and evaluate mapped trial ``requested`` (see the module docstring)."""
@@ -457,6 +492,9 @@ class _Slot:
                 self, frozen, params, run_id=run_id, seed=seed, round_number=round_number
             )
         )
+        self._child = child
+        if self.stopping:  # SIGTERM arrived while the child was being forked
+            child.ask_to_stop()
         # Started after the fork: the child must not inherit a thread that may hold a lock.
         heartbeat = _Heartbeat(self.study._storage, frozen._trial_id, interval=self.interval)
         heartbeat.start()
@@ -472,6 +510,7 @@ class _Slot:
                 self._record(frozen, frozen.number, params, result, run_id=run_id, retry_of=None)
             raise
         finally:
+            self._child = None
             heartbeat.stop()
 
     def _record(
@@ -751,6 +790,11 @@ class _Child:
             self._pump(relay, 0.1)
         self._close()
         return self._evaluation() if self._result else None
+
+    def ask_to_stop(self) -> None:
+        """SIGTERM to the child: it stops the objective and reports ``terminated``."""
+        if self._status is None:
+            self._signal(signal.SIGTERM)
 
     def _signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -1052,8 +1096,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = _parse_args(argv)
-    # SIGTERM (Airflow, Kubernetes): the running trial's process records why it stops, the rest wait.
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         outcomes = run_slot(
             deployment=Deployment.from_env(),
@@ -1065,9 +1107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HpoError, ObjectiveError) as e:
         log.error("cannot run trials %s: %s", args.trial_numbers, e)
         return EXIT_SETUP
-    except TrialTerminated:
-        log.error("trials %s: the worker received SIGTERM and stopped", args.trial_numbers)
-        return EXIT_TRIAL_FAILED
     for outcome in outcomes:
         print(RESULT_PREFIX + outcome.to_json(), flush=True)
     failed = [o for o in outcomes if not o.ok]
@@ -1076,10 +1115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(o.state == "ERROR" for o in failed):
         return EXIT_SETUP
     return EXIT_TRIAL_FAILED if failed else EXIT_OK
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise TrialTerminated()
 
 
 _install_fork_guard()

@@ -28,9 +28,9 @@ def _finish(value: float, params: dict[str, Any], ctx: TrialContext) -> float:
 
 
 def slow_first_attempt(params: dict[str, Any], ctx: TrialContext) -> float:
-    """Sleeps ``params['seconds']`` on attempt 1 (a retry is quick), then the quadratic."""
-    if ctx.attempt == 1:
-        time.sleep(float(params.get("seconds", 0)))
+    """Sleeps ``params['seconds']`` on attempt 1 (a retry sleeps ``params['retry_seconds']``, default
+    0), then the quadratic."""
+    time.sleep(float(params.get("seconds" if ctx.attempt == 1 else "retry_seconds", 0)))
     return _finish(quadratic_value(params), params, ctx)
 
 

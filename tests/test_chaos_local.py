@@ -138,7 +138,9 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
     name = _start(
         local_deployment,
         objective="tests.chaos_objectives:slow_first_attempt",
-        search_space=_slow_space(120),
+        # The retry takes 8 s: it is still evaluating when the stale sweep comes (a warm worker
+        # would otherwise finish it before).
+        search_space={**_slow_space(120), "retry_seconds": {"type": "categorical", "choices": [8]}},
         budget={"n_trials": 3, "batch_size": 3, "max_rounds": 2},
         trial={"retries": 1, "retry_delay": 0, "execution_timeout": 300, "stale_timeout": 3},
         mlflow=NO_MODEL,
