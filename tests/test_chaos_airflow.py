@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 X = {"type": "float", "low": -5.0, "high": 5.0}
 EVALUATE = "round_1.evaluate"
 WEBHOOK_CONN_ID = "hpo_chaos_webhook"
+SLOT_MODES = ["ok", "flaky", "hang_once", "kill_once"]
 
 #: name -> study file changes. One round each, so that a run has few tasks.
 STUDIES: dict[str, dict[str, Any]] = {
@@ -55,6 +56,17 @@ STUDIES: dict[str, dict[str, Any]] = {
         "budget": {"n_trials": 2, "batch_size": 2, "max_rounds": 1},
         "trial": {"retries": 1, "retry_delay": 1, "execution_timeout": 300},
         "mlflow": {"experiment": "chaos_sched"},
+    },
+    # One slot (one task, one warm worker) of four trials: a good one and three that fail once.
+    "chaos_slot": {
+        "objective": "tests.chaos_objectives:by_mode",
+        "search_space": {"mode": {"type": "categorical", "choices": SLOT_MODES}},
+        "sampler": {"type": "grid"},
+        "budget": {"n_trials": 4, "batch_size": 4, "max_rounds": 1},
+        "trial": {"retries": 0, "retry_delay": 0, "execution_timeout": 3},
+        "stopping": {"max_failed_fraction": 0.8},
+        "worker": {"trials_per_task": 4},
+        "mlflow": {"experiment": "chaos_slot"},
     },
     # Late after 5 s (the alert), stopped after 60 s (dagrun_timeout) while its trial still runs.
     "chaos_deadline": {
@@ -262,6 +274,61 @@ def test_one_failed_trial_retried_through_the_rest_api_then_finalize_cleared(
         str(retried.number),
         "2",
     )
+
+
+def test_a_slot_cleared_through_the_rest_api_reevaluates_only_its_failed_trials(chaos: Chaos) -> None:
+    """One mapped task holds four trials; three fail (raise, hang past the timeout, SIGKILL), each
+    closed with its reason while the slot goes on; clearing the slot re-evaluates only those three."""
+    client, dag_id = chaos.client, "hpo_chaos_slot"
+    run_id = client.trigger(dag_id)
+    assert client.wait_for_run(dag_id, run_id, timeout=300) == "success"  # 3 of 4 failed < 80 %
+    study = _study_of(chaos.deployment, run_id)
+    first = _trials(study)
+    by_mode = {t.params["mode"]: t for t in first.values()}
+    assert sorted(by_mode) == sorted(SLOT_MODES)
+    assert {m: t.state for m, t in by_mode.items()} == {
+        "ok": TrialState.COMPLETE,
+        "flaky": TrialState.FAIL,
+        "hang_once": TrialState.FAIL,
+        "kill_once": TrialState.FAIL,
+    }
+    reasons = {
+        "flaky": f"RuntimeError: transient failure of trial {by_mode['flaky'].number} on its first attempt",
+        "hang_once": "timeout: the objective ran longer than 3s",
+        "kill_once": "killed: the trial's process was killed by SIGKILL before it reported a result "
+        "(out of memory, or killed from outside)",
+    }
+    assert {m: by_mode[m].user_attrs["fail_reason"] for m in reasons} == reasons
+    tis = _tis(client, dag_id, run_id)
+    assert [key for key in tis if key[0] == EVALUATE] == [(EVALUATE, 0)]  # one task for the slot
+    numbers = sorted(first)
+    assert tis[(EVALUATE, 0)]["state"] == "failed"
+    assert tis[(EVALUATE, 0)]["rendered_map_index"] == (
+        f"trials {numbers[0]}–{numbers[-1]} · 1 done · 3 failed · best 1"
+    )
+    log = client.task_log(dag_id, run_id, EVALUATE, map_index=0, try_number=1)
+    for mode, reason in reasons.items():  # every trial's outcome and reason, in the slot's log
+        assert f"trial {by_mode[mode].number} failed: {reason}" in log
+        assert json.dumps(f"trial {by_mode[mode].number}: FAIL: {reason}")[1:-1] in log
+    assert f"trial {by_mode['ok'].number}: COMPLETE 1" in log
+
+    cleared = client.clear_task_instances(dag_id, run_id, [(EVALUATE, 0)])
+    assert [(ti["task_id"], ti["map_index"]) for ti in cleared] == [(EVALUATE, 0)]
+    ti = client.wait_for_task_state(dag_id, run_id, EVALUATE, {"success", "failed"}, map_index=0, timeout=300)
+    assert (ti["state"], ti["try_number"]) == ("success", 2)
+    assert ti["rendered_map_index"] == f"trials {numbers[0]}–{numbers[-1]} · 4 done · best 1"
+    trials = _trials(study)
+    replacements = {t.user_attrs[engine.T_RETRY_OF]: t for t in trials.values() if t.number not in first}
+    assert sorted(replacements) == sorted(by_mode[m].number for m in reasons)  # only the failed ones
+    for failed_number, replacement in replacements.items():
+        assert replacement.params == first[failed_number].params
+        assert replacement.state == TrialState.COMPLETE
+    counts = engine.count_trials(study)
+    assert (counts.counted, counts.complete, counts.failed, counts.running) == (4, 4, 0, 0)
+    runs = _child_runs(chaos.deployment, "chaos_slot", study.study_name)
+    assert [r.info.status for r in runs[by_mode["ok"].number]] == ["FINISHED"]  # evaluated once
+    client.clear_task_instances(dag_id, run_id, ["finalize"])
+    assert client.wait_for_run(dag_id, run_id, timeout=300) == "success"
 
 
 # ------------------------------------------------------------------------- deadline, timeout

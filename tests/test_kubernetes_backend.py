@@ -70,7 +70,6 @@ def _operator(
     from hpo_airflow.kubernetes import slot_pod_overrides, trial_pod_settings
 
     from hpo_core import engine
-
     from hpo_core.spec import validate_mapping
 
     # Secrets present in the Airflow environment must never leak into the pod.
@@ -226,6 +225,7 @@ def _k8s_dag(
     k8s_emulator: KubernetesEmulator,
     k8s_connection: str,
     deployment: Deployment,
+    worker_changes: dict[str, Any] | None = None,
     **changes: Any,
 ) -> Any:
     from airflow.dag_processing.dagbag import DagBag
@@ -233,7 +233,12 @@ def _k8s_dag(
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder)
-    worker = {"backend": "kubernetes", "image": "hpo-worker:test", "startup_timeout": 8}
+    worker = {
+        "backend": "kubernetes",
+        "image": "hpo-worker:test",
+        "startup_timeout": 8,
+        **(worker_changes or {}),
+    }
     write_study(folder / "studies", study_mapping(worker=worker, **changes))
     # dag.test() re-parses the configured DAG folder to serialize the DAG: point it here.
     use_dags_folder(monkeypatch, folder)
@@ -352,3 +357,59 @@ def test_pod_that_always_fails_leaves_a_failed_trial_and_a_red_task(
     ]
     assert [ti.map_index for ti in failed] == [0]
     assert failed[0].rendered_map_index and failed[0].rendered_map_index.startswith("trial 0 · ")
+
+
+@pytest.mark.slow
+def test_a_slot_pod_closes_its_bad_trials_and_its_retry_pod_reevaluates_only_those(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    airflow_db: Path,
+    local_deployment: Deployment,
+    k8s_emulator: KubernetesEmulator,
+    k8s_connection: str,
+) -> None:
+    """One pod holds a good, a raising, a hanging and a SIGKILLed trial: the pod fails because of
+    the bad ones, each closed with its reason; the task's retry (a second pod) evaluates only them."""
+    modes = ["ok", "flaky", "hang_once", "kill_once"]
+    dag = _k8s_dag(
+        tmp_path,
+        monkeypatch,
+        k8s_emulator,
+        k8s_connection,
+        local_deployment,
+        worker_changes={"trials_per_task": 4},
+        objective="tests.chaos_objectives:by_mode",
+        search_space={"mode": {"type": "categorical", "choices": modes}},
+        sampler={"type": "grid"},
+        budget={"n_trials": 4, "batch_size": 4, "max_rounds": 1},
+        trial={"retries": 1, "retry_delay": 0, "execution_timeout": 3},
+        stopping={"max_failed_fraction": 0.8},
+        mlflow={"experiment": "k8s_slots"},
+    )
+    dag_run = dag.test()
+    assert dag_run.state == "success"
+    created = k8s_emulator.api_calls("POST", "/pods")
+    assert len(created) == 2  # one pod for the slot, one for its retry
+    by_mode: dict[str, Any] = {}
+    for trial in sorted(_trials(local_deployment), key=lambda t: t.number):
+        key = trial.params["mode"] + ("+" if engine.T_RETRY_OF in trial.user_attrs else "")
+        assert key not in by_mode
+        by_mode[key] = trial
+    assert sorted(by_mode) == sorted([*modes, "flaky+", "hang_once+", "kill_once+"])
+    assert by_mode["ok"].state == TrialState.COMPLETE
+    assert by_mode["flaky"].user_attrs["fail_reason"].startswith("RuntimeError: transient failure")
+    assert by_mode["hang_once"].user_attrs["fail_reason"] == "timeout: the objective ran longer than 3s"
+    assert (
+        by_mode["kill_once"]
+        .user_attrs["fail_reason"]
+        .startswith("killed: the trial's process was killed by SIGKILL")
+    )
+    for mode in ("flaky", "hang_once", "kill_once"):
+        replacement = by_mode[f"{mode}+"]
+        assert replacement.state == TrialState.COMPLETE
+        assert replacement.params == by_mode[mode].params
+        assert replacement.user_attrs[engine.T_RETRY_OF] == by_mode[mode].number
+    tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == "round_1.evaluate"]
+    assert [(ti.map_index, ti.state, ti.try_number) for ti in tis] == [(0, "success", 2)]
+    numbers = sorted(by_mode[m].number for m in modes)
+    assert tis[0].rendered_map_index == f"trials {numbers[0]}–{numbers[-1]}"
