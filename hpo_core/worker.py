@@ -580,7 +580,11 @@ def _evaluate_in_child(
 
     spec, result = slot.spec, _Evaluation()
     # The objective may use MLflow's fluent API (mlflow.log_metric, autolog, log_model): its run is
-    # the trial's. Made active without a call to the tracking server.
+    # the trial's, in the study's experiment whatever the environment or an earlier caller set.
+    for variable in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        os.environ.pop(variable, None)
+    if slot.experiment_id is not None:
+        mlflow.set_experiment(experiment_id=str(slot.experiment_id))
     mlflow.start_run(run_id=run_id, nested=True)
     trial = optuna.trial.Trial(slot.study, frozen._trial_id)
     ctx = TrialContext(
@@ -608,6 +612,9 @@ def _evaluate_in_child(
         result.error_text = traceback.format_exc()
     except TrialTerminated:
         result.reason = "terminated: the worker received SIGTERM (task killed or timed out)"
+        result.error_text = traceback.format_exc()
+    except SystemExit as e:
+        result.reason = f"SystemExit: the objective called exit({e.code!r})"
         result.error_text = traceback.format_exc()
     except Exception as e:
         result.reason = f"{type(e).__name__}: {e}"
@@ -701,11 +708,19 @@ class _Child:
                 os.close(result_r)
                 _become_trial_process(log_w, parent)
                 evaluation = body()
-                _write_all(result_w, json.dumps(asdict(evaluation), default=str).encode())
                 code = 0
-            except BaseException:
+            except BaseException as e:  # outside the objective: setting the trial up failed
+                details = traceback.format_exc()
+                evaluation = _Evaluation(
+                    reason=f"worker error before the objective ran: {type(e).__name__}: {e}",
+                    error_text=details,
+                )
                 with contextlib.suppress(BaseException):
-                    traceback.print_exc()
+                    sys.stderr.write(details)
+            try:
+                _write_all(result_w, json.dumps(asdict(evaluation), default=str).encode())
+            except BaseException:
+                code = _CHILD_CRASH
             finally:
                 with contextlib.suppress(BaseException):
                     sys.stdout.flush()

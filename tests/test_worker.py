@@ -185,3 +185,35 @@ def test_worker_without_a_started_study_is_a_clear_setup_error(local_deployment:
     code, result, output = run_worker(local_deployment, "nope.manual__x", 0)
     assert code == 2 and result is None
     assert "study 'nope.manual__x' does not exist; did the 'start' task run?" in output
+
+
+def test_in_process_slot_logs_to_the_study_experiment_whatever_the_caller_set(
+    local_deployment: Deployment, start_toy_study: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm worker inside a process that already chose another MLflow experiment (an Airflow task
+    process, a notebook) still logs each trial, and its model, to the study's own experiment."""
+    from hpo_core.worker import run_slot
+
+    name = start_toy_study()
+    batch, _ = engine.suggest_batch(storage_url=local_deployment.storage_url, study_name=name, round_number=1)
+    mlflow.set_tracking_uri(local_deployment.tracking_uri)
+    mlflow.set_experiment("somebody_elses_experiment")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "somebody_elses_experiment")
+    lines: list[str] = []
+    outcomes = run_slot(
+        deployment=local_deployment,
+        study_name=name,
+        trial_numbers=[e["trial_number"] for e in batch],
+        relay=lines.append,
+    )
+    assert [o.state for o in outcomes] == ["COMPLETE"] * len(batch), "\n".join(lines)
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    experiment = study.user_attrs[engine.ATTR_EXPERIMENT]
+    runs = _child_runs(local_deployment, name)
+    assert len(runs) == len(batch) and {r.info.experiment_id for r in runs} == {experiment}
+    model_uri = next(t for t in study.get_trials() if t.number == batch[0]["trial_number"]).user_attrs[
+        engine.T_MODEL_URI
+    ]
+    assert (
+        mlflow.MlflowClient().get_logged_model(model_uri.removeprefix("models:/")).experiment_id == experiment
+    )
