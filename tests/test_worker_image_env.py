@@ -34,11 +34,18 @@ def worker_venv() -> Path:
     stamp = venv / ".requirements-sha"
     if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
         shutil.rmtree(venv, ignore_errors=True)
+        # uv (installed beside this interpreter by scripts/_bootstrap.sh) installs the same pinned
+        # wheels as the image's pip, in seconds; pip when it is not there.
+        uv = Path(sys.executable).parent / "uv"
+        install = (
+            [str(uv), "pip", "install", "--quiet", "--python", str(python)]
+            if uv.exists()
+            else [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        )
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             "-r", str(REQUIREMENTS), "-c", str(CONSTRAINTS)],
-        ]  # fmt: skip
+            [*install, "-r", str(REQUIREMENTS), "-c", str(CONSTRAINTS)],
+        ]
         for step in steps:
             proc = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
             if proc.returncode != 0:
