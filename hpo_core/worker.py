@@ -773,6 +773,8 @@ class _Child:
         killed = False
         while True:
             done = self._pump(relay, 0.5)
+            if done and self._status is None:
+                time.sleep(0.002)  # both pipes closed: the child is exiting, do not spin
             if self._reap():
                 # A process the objective started may still hold the pipes: take what is there.
                 end = time.monotonic() + 2.0
