@@ -3,8 +3,9 @@
 ``python -m bench.contenders {optuna,ray,spark} --out result.json ...`` runs N sleeping trials at
 parallelism P and writes ``{available, reason, startup_s, wall_s, timings}``. ``optuna`` runs in the
 project's ``.venv`` (the reference: ``study.optimize(n_jobs=P)`` on the pipeline's storage); ``ray``
-and ``spark`` run in ``.venv-bench``. A contender that cannot be imported or started is reported as
-unavailable with the reason instead of failing the benchmark.
+and ``spark`` run in ``.venv-bench``. ``optuna_example`` runs the example study's real objective with
+plain Optuna (``.venv``), the reference of the example case. A contender that cannot be imported or
+started is reported as unavailable with the reason instead of failing the benchmark.
 """
 
 from __future__ import annotations
@@ -152,7 +153,88 @@ def run_spark(args: argparse.Namespace) -> dict[str, Any]:
     return {"startup_s": startup, "wall_s": wall, "started_at": t1}
 
 
-RUNNERS = {"optuna": run_optuna, "ray": run_ray, "spark": run_spark}
+def run_optuna_example(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain Optuna on the example study: its objective over its space, ``study.optimize(n_jobs=P)``.
+
+    The study's own sampler and pruner on the same storage; each trial's params come from
+    ``hpo_core.space.sample_params`` and the objective is called as the pipeline's worker calls it
+    (``call_objective`` with a ``TrialContext``), inside an MLflow run of its own as an Optuna user
+    logging to MLflow would do, so that metrics, lineage and the model are logged as in the pipeline.
+    """
+    import mlflow
+    import optuna
+    from mlflow.entities import Metric, Param
+
+    from hpo_core.objective import TrialContext, call_objective, normalize_result
+    from hpo_core.samplers import build_pruner, build_sampler
+    from hpo_core.space import import_callable, sample_params
+    from hpo_core.spec import load_spec
+    from hpo_core.storage import open_storage
+    from hpo_core.tracking import flat_params
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(args.spec)
+    t0 = time.time()
+    func = import_callable(spec.objective)  # the pipeline's slot imports it before its trials too
+    mlflow.set_tracking_uri(args.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
+    experiment_id = client.create_experiment(
+        f"{spec.name}_plain_optuna_{int(t0)}",
+        artifact_location=(Path(args.workdir).resolve() / "mlartifacts").as_uri(),
+    )
+    study = optuna.create_study(
+        storage=open_storage(args.storage),
+        study_name=f"bench_plain_optuna_{spec.name}_{int(t0)}",
+        sampler=build_sampler(spec, seed=spec.sampler.seed),
+        pruner=build_pruner(spec),
+        directions=spec.all_directions,
+    )
+    startup = time.time() - t0
+    seed = spec.sampler.seed or 0
+    durations: list[float] = []
+
+    def objective(trial: optuna.Trial) -> Any:
+        start = time.time()
+        params = sample_params(spec, trial)
+        run = client.create_run(experiment_id, run_name=f"trial {trial.number}")
+        run_id = run.info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(params).items()])
+        try:
+            with mlflow.start_run(run_id=run_id):  # the fluent run is per thread
+                ctx = TrialContext(
+                    trial=trial,
+                    spec=spec,
+                    params=params,
+                    seed=seed * 100_003 + trial.number,
+                    round_number=0,
+                    mlflow_run_id=run_id,
+                    mlflow_client=client,
+                )
+                values, extra = normalize_result(spec, call_objective(func, ctx, trial))
+                now = int(time.time() * 1000)
+                metrics = dict(zip(spec.objective_metrics, values, strict=True)) | extra
+                client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        finally:
+            durations.append(time.time() - start)
+        return values[0] if len(values) == 1 else values
+
+    t1 = time.time()
+    study.optimize(objective, n_trials=args.trials, n_jobs=args.parallelism)
+    wall = time.time() - t1
+    states = [t.state.name for t in study.trials]
+    complete = [t.value for t in study.trials if t.state.name == "COMPLETE"]
+    maximize = spec.all_directions[0] == "maximize"
+    return {
+        "startup_s": startup,
+        "wall_s": wall,
+        "started_at": t1,
+        "trial_s_mean": sum(durations) / len(durations) if durations else None,
+        "trial_states": {s: states.count(s) for s in sorted(set(states))},
+        "best_value": (max if maximize else min)(complete) if complete else None,
+    }
+
+
+RUNNERS = {"optuna": run_optuna, "ray": run_ray, "spark": run_spark, "optuna_example": run_optuna_example}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, required=True)
     parser.add_argument("--parallelism", type=int, required=True)
     parser.add_argument("--spec", help="study YAML (optuna: its sampler)")
-    parser.add_argument("--storage", help="Optuna storage URL (optuna)")
+    parser.add_argument("--storage", help="Optuna storage URL (optuna, optuna_example)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (optuna_example)")
     args = parser.parse_args(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"contender": args.contender, "available": True, "reason": None}

@@ -3,7 +3,8 @@
 #   all            orchestration, sample and scale, then a summary (default)
 #   --quick        fewer trials, seeds and sizes (a smoke test of a few minutes)
 #   --out DIR      output folder (default bench/out/<timestamp>)
-#   --publish      write the summary's figures into bench/README.md (between the results markers)
+#   --publish      write the figures of the benchmarks run into bench/README.md (between the results
+#                  markers; other benchmarks keep their section) and bench/results/orchestration.json
 # Creates .venv (the pinned project stack, as scripts/ do) and .venv-bench (the contenders:
 # bench/requirements.txt on top of constraints.txt) on first use; .venv only ever gets the project's pins.
 set -euo pipefail
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=(--quick) ;;
     --out) OUT="$2"; shift ;;
     --publish) PUBLISH=(--publish "$ROOT/bench/README.md") ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see bench/run.sh --help)" >&2; exit 2 ;;
   esac
   shift

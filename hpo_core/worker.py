@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import importlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -330,6 +332,9 @@ class _Evaluation:
     error_text: str | None = None
     model_uri: str | None = None
     lineage: dict[str, str] = field(default_factory=dict)
+    #: Modules the trial imported that this slot process has not: imported here before the next
+    #: trial's fork, so only the slot's first trial pays for the objective's lazy imports.
+    new_modules: list[str] = field(default_factory=list)
 
 
 class _Slot:
@@ -350,6 +355,7 @@ class _Slot:
         self.interval = heartbeat_interval(spec)
         self.stopping = False
         self._child: _Child | None = None
+        self.modules_at_fork: frozenset[str] = frozenset()
         attrs = _storage_call("read the study", lambda: study.user_attrs)
         self.config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
         self.parent_run = attrs.get(engine.ATTR_PARENT_RUN)
@@ -487,6 +493,7 @@ class _Slot:
     ) -> _Evaluation:
         """Run the objective in a forked child (its crash, hang or kill ends only this trial)."""
         seed = (self.config.seed or 0) * 100_003 + frozen.number
+        self.modules_at_fork = frozenset(sys.modules)
         child = _Child.fork(
             lambda: _evaluate_in_child(
                 self, frozen, params, run_id=run_id, seed=seed, round_number=round_number
@@ -563,6 +570,7 @@ class _Slot:
             ),
         )
         _tell(self.study, frozen, state=state, values=result.values if state == TrialState.COMPLETE else None)
+        _import_quietly(result.new_modules)
         return TrialOutcome(frozen.number, requested, state.name, result.values, reason, retry_of)
 
 
@@ -620,6 +628,7 @@ def _evaluate_in_child(
         result.reason = f"{type(e).__name__}: {e}"
         result.error_text = traceback.format_exc()
     result.model_uri, result.lineage = ctx.model_uri, dict(ctx.lineage)
+    result.new_modules = [name for name in sys.modules if name not in slot.modules_at_fork]
     return result
 
 
@@ -669,6 +678,19 @@ def _finish_trial_run(
         mlflow_client.log_text(run_id, error_text, tracking.ERROR_ARTIFACT)
     status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
     mlflow_client.set_terminated(run_id, status=status)
+
+
+def _import_quietly(names: Sequence[str]) -> None:
+    """Import modules a trial's process imported (in its order), so the next trial starts warm.
+
+    A module that fails here is skipped: the next trial imports it itself, as before.
+    """
+    for name in names:
+        if name in sys.modules or name.startswith("__"):
+            continue
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.import_module(name)
 
 
 def _relay_to_stderr(line: str) -> None:
@@ -867,6 +889,11 @@ def _become_trial_process(log_fd: int, parent: int) -> None:
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT, stream=sys.stderr, force=True)
+    # The trial's log carries the objective's lines, not the stack's deprecation notices (skops
+    # scanning modules inside an Airflow task process trips over a thousand of Airflow's).
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(airflow|mlflow|skops)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
 
 
 def _write_all(fd: int, data: bytes) -> None:

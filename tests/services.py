@@ -997,7 +997,10 @@ class AirflowDeployment(_Service):
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url,
             # asyncpg is not installed; an empty async URL turns the async engine off.
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": "",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            # The project's LocalExecutor that imports the stack before forking (as the main
+            # command's local Airflow does): task processes start warm.
+            "AIRFLOW__CORE__EXECUTOR": "hpo_airflow.executor.WarmLocalExecutor",
+            "AIRFLOW__CORE__MP_START_METHOD": "fork",
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.plugins_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -1019,6 +1022,9 @@ class AirflowDeployment(_Service):
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "300",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
+            # A LocalExecutor worker waits one supervisor heartbeat after each task (default 5 s).
+            "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
             "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",

@@ -47,6 +47,10 @@ DEFAULT_PREIMPORTS: tuple[str, ...] = (
     # The embedded default keeps MLflow in SQLite: the client opens these stores in each task.
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
+    # Model flavours objectives log with (their first log_model otherwise imports them per task).
+    "mlflow.pyfunc",
+    "mlflow.sklearn",
+    "skops.io",
     "hpo_core.engine",
     "hpo_core.worker",
     "hpo_core.tracking",

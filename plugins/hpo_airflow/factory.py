@@ -183,10 +183,8 @@ def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
     if spec.worker.pool:
         common["pool"] = spec.worker.pool
     if spec.worker.max_active_trials:
-        # Slots at once: a slot runs its trials one after another.
-        common["max_active_tis_per_dagrun"] = max(
-            1, spec.worker.max_active_trials // spec.worker.trials_per_task
-        )
+        # A slot runs one trial at a time: trials at once = slot tasks at once, whatever k is.
+        common["max_active_tis_per_dagrun"] = spec.worker.max_active_trials
 
     if kubernetes.backend_for(spec) == "kubernetes":
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
