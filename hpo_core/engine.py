@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -26,9 +27,10 @@ from hpo_core.errors import StudyOutcomeError, StudySpecError, TrialStateError
 from hpo_core.samplers import SAMPLER_OPTION_KEYS, build_pruner, build_sampler
 from hpo_core.space import sample_params, space_size
 from hpo_core.spec import StudySpec, spec_from_json
-from hpo_core.storage import open_storage
+from hpo_core.storage import flush, open_storage
 
 __all__ = [
+    "RoundNotRun",
     "RunConfig",
     "StudyCounts",
     "batch_slots",
@@ -75,6 +77,25 @@ T_LINEAGE = "hpo.lineage"
 FAIL_REASON = "fail_reason"
 
 _MAX_DUPLICATE_DRAWS = 20
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _flushed(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """After a control task's work, fold a SQLite storage's write-ahead log into its file."""
+
+    @wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        finally:
+            deployment = kwargs.get("deployment")
+            url = kwargs.get("storage_url") or getattr(deployment, "storage_url", None)
+            if isinstance(url, str):
+                flush(url)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -196,19 +217,34 @@ def study_name_for(spec: StudySpec, run_id: str, *, logical_date: dt.datetime | 
 
 def load_study(storage_url: str, study_name: str, *, round_number: int = 0) -> tuple[optuna.Study, StudySpec]:
     """Load a started study and its stored spec, with the sampler for ``round_number``."""
+    loaded = _load(storage_url, study_name, round_number=round_number)
+    return loaded.study, loaded.spec
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A started study with what one read of its attributes says (the attributes are read once)."""
+
+    study: optuna.Study
+    spec: StudySpec
+    attrs: dict[str, Any]
+    config: RunConfig
+
+
+def _load(storage_url: str, study_name: str, *, round_number: int = 0) -> _Loaded:
     storage = open_storage(storage_url)
     try:
-        bare = optuna.load_study(study_name=study_name, storage=storage)
+        study_id = storage.get_study_id_from_name(study_name)
     except KeyError as e:
         raise TrialStateError(f"study {study_name!r} does not exist; did the 'start' task run?") from e
-    attrs = bare.user_attrs
+    attrs = storage.get_study_user_attrs(study_id)
     spec = spec_from_json(attrs[ATTR_SPEC])
     config = RunConfig(**attrs[ATTR_RUN_CONFIG])
     sampler = build_sampler(spec, seed=config.seed, options=config.sampler_options, round_number=round_number)
     study = optuna.load_study(
         study_name=study_name, storage=storage, sampler=sampler, pruner=build_pruner(spec)
     )
-    return study, spec
+    return _Loaded(study=study, spec=spec, attrs=attrs, config=config)
 
 
 def run_config(study: optuna.Study) -> RunConfig:
@@ -219,6 +255,7 @@ def run_config(study: optuna.Study) -> RunConfig:
 # --- start -----------------------------------------------------------------------------------
 
 
+@_flushed
 def start_study(
     spec: StudySpec,
     *,
@@ -251,22 +288,25 @@ def start_study(
         )
     attrs = study.user_attrs
     continuous = spec.warm_start.mode == "continue"
-    study.set_user_attr(ATTR_SPEC, spec.to_json())
-    study.set_user_attr(ATTR_RUN_CONFIG, asdict(config))
-    study.set_user_attr(ATTR_DAG_ID, dag_id)
-    study.set_user_attr(ATTR_RUN_ID, run_id)
+    updates: dict[str, Any] = {
+        ATTR_SPEC: spec.to_json(),
+        ATTR_RUN_CONFIG: asdict(config),
+        ATTR_DAG_ID: dag_id,
+        ATTR_RUN_ID: run_id,
+    }
     if continuous:
-        study.set_user_attr(ATTR_CONTINUOUS, True)
+        updates[ATTR_CONTINUOUS] = True
     if ATTR_STARTED not in attrs or (continuous and attrs.get(ATTR_RUN_ID) != run_id):
         # A long-lived study times each DAG run on its own.
-        study.set_user_attr(ATTR_STARTED, time.time())
+        updates[ATTR_STARTED] = time.time()
     if attrs.get(ATTR_STOP):
         # A cleared and re-run DAG run starts deciding afresh.
-        study.set_user_attr(ATTR_STOP, None)
+        updates[ATTR_STOP] = None
+    _set_study_attrs(study, attrs, updates)
 
     from hpo_core import tracking
 
-    mlflow_client = tracking.client(deployment)
+    mlflow_client = tracking.client(deployment, set_uris=False)
     experiment_id = tracking.ensure_experiment(
         mlflow_client, spec.mlflow.experiment, deployment.artifact_root
     )
@@ -278,17 +318,19 @@ def start_study(
         tags={"hpo.dag_id": dag_id, "hpo.run_id": run_id, "mlflow.note.content": spec.description},
         run_id=run_id if continuous else None,
     )
-    for key, value in {
-        "n_trials": config.n_trials,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "sampler": spec.sampler.type,
-        "max_rounds": spec.budget.max_rounds,
-        **{f"sampler.{k}": v for k, v in sorted(config.sampler_options.items())},
-    }.items():
-        _log_param_once(mlflow_client, parent, key, value)
-    study.set_user_attr(ATTR_PARENT_RUN, parent)
-    study.set_user_attr(ATTR_EXPERIMENT, experiment_id)
+    _log_params_once(
+        mlflow_client,
+        parent,
+        {
+            "n_trials": config.n_trials,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "sampler": spec.sampler.type,
+            "max_rounds": spec.budget.max_rounds,
+            **{f"sampler.{k}": v for k, v in sorted(config.sampler_options.items())},
+        },
+    )
+    _set_study_attrs(study, attrs, {ATTR_PARENT_RUN: parent, ATTR_EXPERIMENT: experiment_id})
     warm_start = attrs.get(warmstart.ATTR_WARM_START)
     if warm_start is None:
         # Only when the study is new: a re-run of the same DAG run must not enqueue again.
@@ -308,24 +350,44 @@ def start_study(
     }
 
 
-def _log_param_once(mlflow_client: Any, run_id: str, key: str, value: Any) -> None:
+def _set_study_attrs(study: optuna.Study, attrs: Mapping[str, Any], updates: Mapping[str, Any]) -> None:
+    """Write the study attributes whose value changed (``attrs``: as read before)."""
+    for key, value in updates.items():
+        if key not in attrs or attrs[key] != value:
+            study.set_user_attr(key, value)
+
+
+def _log_params_once(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log the run's params in one call; params are immutable, so a re-run keeps the first values."""
+    from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
+    texts = {key: "null" if value is None else str(value) for key, value in params.items()}
     try:
-        mlflow_client.log_param(run_id, key, "null" if value is None else str(value))
-    except MlflowException:
-        # Params are immutable: a re-run with the same run keeps the first value.
-        log.info("param %s already logged on the parent run", key)
+        mlflow_client.log_batch(run_id, params=[Param(key, text) for key, text in texts.items()])
+        return
+    except MlflowException:  # one of them was logged before with another value
+        pass
+    for key, text in texts.items():
+        try:
+            mlflow_client.log_param(run_id, key, text)
+        except MlflowException:
+            log.info("param %s already logged on the parent run", key)
 
 
 # --- accounting ------------------------------------------------------------------------------
 
 
 def _our_trials(study: optuna.Study) -> list[FrozenTrial]:
-    run_scope = _run_scope(study)
+    return _ours(study.get_trials(deepcopy=False), study.user_attrs)
+
+
+def _ours(trials: list[FrozenTrial], attrs: Mapping[str, Any]) -> list[FrozenTrial]:
+    """The suggested trials of the study's current DAG run (``attrs``: the study's attributes)."""
+    run_scope = _scope(attrs)
     return [
         t
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if T_ROUND in t.user_attrs
         and not t.user_attrs.get(T_DISCARDED)
         and (run_scope is None or t.user_attrs.get("hpo.run_id") == run_scope)
@@ -337,15 +399,14 @@ def trials_of_round(study: optuna.Study, round_number: int) -> list[FrozenTrial]
     return [t for t in _our_trials(study) if t.user_attrs.get(T_ROUND) == round_number]
 
 
-def _run_scope(study: optuna.Study) -> str | None:
+def _scope(attrs: Mapping[str, Any]) -> str | None:
     """The DAG run whose trials count, for a long-lived study; ``None``: every trial counts."""
-    attrs = study.user_attrs
     return str(attrs.get(ATTR_RUN_ID)) if attrs.get(ATTR_CONTINUOUS) else None
 
 
-def _round_prefix(study: optuna.Study) -> str:
+def _prefix(attrs: Mapping[str, Any]) -> str:
     """Attribute prefix of the round summaries (per DAG run in a long-lived study)."""
-    run_scope = _run_scope(study)
+    run_scope = _scope(attrs)
     return ATTR_ROUND_PREFIX if run_scope is None else f"{ATTR_ROUND_PREFIX}{run_scope}."
 
 
@@ -356,7 +417,10 @@ def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 def count_trials(study: optuna.Study) -> StudyCounts:
     """Count the trials that make up the study's budget."""
-    counted = _counted(_our_trials(study))
+    return _count(_counted(_our_trials(study)))
+
+
+def _count(counted: list[FrozenTrial]) -> StudyCounts:
     by_state = {s: sum(1 for t in counted if t.state == s) for s in TrialState}
     return StudyCounts(
         counted=len(counted),
@@ -383,6 +447,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+@_flushed
 def suggest_batch(
     *,
     storage_url: str,
@@ -400,19 +465,23 @@ def suggest_batch(
         ``(batch, skip_reason)``: the batch ``[{"trial_number", "params", "label"}, ...]`` and,
         when it is empty, why the round is not needed.
     """
-    study, spec = load_study(storage_url, study_name, round_number=round_number)
-    if spec.trial.stale_timeout:
+    loaded = _load(storage_url, study_name, round_number=round_number)
+    study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
+    trials = study.get_trials(deepcopy=False)
+    if spec.trial.stale_timeout and reconcile_trials(
         # Trials whose worker went silent (a run stopped by its timeout, a lost pod) stop counting
         # as running; their own round's observe would not come back for them.
-        reconcile_trials(study, round_number=None, stale_after=spec.trial.stale_timeout)
+        study,
+        round_number=None,
+        stale_after=spec.trial.stale_timeout,
+        trials=trials,
+    ):
+        trials = study.get_trials(deepcopy=False)
     if run_id is None:
-        run_id = study.user_attrs.get(ATTR_RUN_ID)
+        run_id = attrs.get(ATTR_RUN_ID)
+    ours = _ours(trials, attrs)
     existing = sorted(
-        (
-            t
-            for t in _our_trials(study)
-            if t.user_attrs.get(T_ROUND) == round_number and T_RETRY_OF not in t.user_attrs
-        ),
+        (t for t in ours if t.user_attrs.get(T_ROUND) == round_number and T_RETRY_OF not in t.user_attrs),
         key=lambda t: t.user_attrs.get(T_BATCH_INDEX, 0),
     )
     if existing:
@@ -426,15 +495,14 @@ def suggest_batch(
             ],
             spec,
         ), None
-    stop = study.user_attrs.get(ATTR_STOP)
+    stop = attrs.get(ATTR_STOP)
     if stop:
         return [], f"study stopped before round {round_number}: {stop}"
-    config = run_config(study)
-    counts = count_trials(study)
+    counts = _count(_counted(ours))
     remaining = config.n_trials - counts.counted
     if remaining <= 0:
         return [], f"budget spent: {counts.counted} of {config.n_trials} trials"
-    deadline = _deadline_reason(study, spec)
+    deadline = _deadline(attrs, spec)
     if deadline:
         return [], deadline
     size = min(config.batch_size, remaining)
@@ -448,18 +516,19 @@ def suggest_batch(
         seen.add(_key(params))
         asked.append((trial, params))
     batch: list[dict[str, Any]] = []
+    marks: dict[int, dict[str, Any]] = {}
     for index, (trial, params) in enumerate(asked):
         # The slot is known once the batch is: a batch cut short by an exhausted space splits anew.
         slot = slot_of(index, len(asked), config.trials_per_task)
-        for key, value in {
+        marks[trial._trial_id] = {
             T_ROUND: round_number,
             T_BATCH_INDEX: index,
             "hpo.dag_id": dag_id,
             "hpo.run_id": run_id,
             T_MAP_INDEX: slot,
-        }.items():
-            trial.set_user_attr(key, value)
+        }
         batch.append(_batch_entry(trial.number, params, round_number, spec.name, slot))
+    _set_trial_attrs(study, marks)
     log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
     if not batch:
         return [], "search space exhausted"
@@ -546,10 +615,34 @@ def _grid_exhausted(study: optuna.Study) -> bool:
     return isinstance(sampler, optuna.samplers.GridSampler) and bool(sampler.is_exhausted(study))
 
 
-def _deadline_reason(study: optuna.Study, spec: StudySpec) -> str | None:
+def _set_trial_attrs(study: optuna.Study, attrs_by_trial_id: Mapping[int, Mapping[str, Any]]) -> None:
+    """Set user attributes of several running trials, in one transaction on Optuna's RDB storage.
+
+    Optuna's API writes one attribute per transaction (a commit each: 5 per trial of a batch). Its RDB
+    storage has the statement for one attribute without the commit; where that is not there (another
+    storage, another Optuna), each attribute is written on its own as before.
+    """
+    backend = getattr(study._storage, "_backend", study._storage)
+    write = getattr(backend, "_set_trial_attr_without_commit", None)
+    if isinstance(backend, optuna.storages.RDBStorage) and write is not None:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        # Running trials are never cached by the study's storage wrapper: it sees the writes.
+        with _create_scoped_session(backend.scoped_session) as session:
+            for trial_id, attrs in attrs_by_trial_id.items():
+                for key, value in attrs.items():
+                    write(session, models.TrialUserAttributeModel, trial_id, key, value)
+        return
+    for trial_id, attrs in attrs_by_trial_id.items():
+        for key, value in attrs.items():
+            study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def _deadline(attrs: Mapping[str, Any], spec: StudySpec) -> str | None:
     if spec.budget.timeout is None:
         return None
-    started = float(study.user_attrs.get(ATTR_STARTED, time.time()))
+    started = float(attrs.get(ATTR_STARTED, time.time()))
     elapsed = time.time() - started
     # A new round is worth starting only if one trial's time still fits.
     left = spec.budget.timeout - elapsed
@@ -567,16 +660,22 @@ def reconcile_trials(
     round_number: int | None,
     task_states: Mapping[int, str] | None = None,
     stale_after: float | None = None,
+    trials: list[FrozenTrial] | None = None,
 ) -> list[int]:
     """Close trials left RUNNING by a worker that is gone, as FAIL with the reason.
 
     ``round_number`` given: every RUNNING trial of that round and earlier (their tasks have
     ended, so nothing will report them). ``stale_after`` given: also RUNNING trials of any
-    round whose last sign of life is older than that many seconds.
+    round whose last sign of life is older than that many seconds. ``trials``: the study's trials
+    as just read (else they are read here).
     """
     closed = []
     now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING):
+            continue
         trial_round = t.user_attrs.get(T_ROUND)
         if trial_round is None:
             continue
@@ -608,34 +707,53 @@ def reconcile_trials(
     return closed
 
 
+class RoundNotRun(TrialStateError):
+    """The round has no trials (its ``suggest`` skipped it), so there is nothing to observe."""
+
+
+@_flushed
 def observe_round(
     *,
     deployment: Deployment,
     study_name: str,
     round_number: int,
     task_states: Mapping[int, str] | None = None,
+    require_trials: bool = False,
 ) -> dict[str, Any]:
-    """Reconcile the round, log its summary to the parent run, and decide whether to go on."""
-    study, spec = load_study(deployment.storage_url, study_name, round_number=round_number)
+    """Reconcile the round, log its summary to the parent run, and decide whether to go on.
+
+    Reads the study once. ``require_trials``: raise :class:`RoundNotRun`, and change nothing, when
+    the round has no trials.
+    """
+    loaded = _load(deployment.storage_url, study_name, round_number=round_number)
+    study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
+    trials = study.get_trials(deepcopy=False)
+    if require_trials and not any(t.user_attrs.get(T_ROUND) == round_number for t in _ours(trials, attrs)):
+        raise RoundNotRun(f"round {round_number} did not run")
     closed = reconcile_trials(
-        study, round_number=round_number, task_states=task_states, stale_after=spec.trial.stale_timeout
+        study,
+        round_number=round_number,
+        task_states=task_states,
+        stale_after=spec.trial.stale_timeout,
+        trials=trials,
     )
+    if closed:
+        trials = study.get_trials(deepcopy=False)
+    ours = _ours(trials, attrs)
+    tracker = _Tracker(deployment)
     # Runs of trials closed without their worker (here, or by a stale sweep) are still RUNNING.
     _fail_lost_runs(
-        deployment,
-        study,
-        [t.number for t in trials_of_round(study, round_number) if t.state == TrialState.FAIL],
+        tracker,
+        [t for t in ours if t.user_attrs.get(T_ROUND) == round_number and t.state == TrialState.FAIL],
     )
-    config = run_config(study)
-    trials = _counted(_our_trials(study))
-    round_trials = [t for t in trials if t.user_attrs.get(T_ROUND) == round_number]
-    counts = count_trials(study)
+    counted = _counted(ours)
+    round_trials = [t for t in counted if t.user_attrs.get(T_ROUND) == round_number]
+    counts = _count(counted)
     direction = spec.all_directions[0]
     score_index = _score_index(spec)
-    best = _best_value(trials, score_index, direction)
+    best = _best_value(counted, score_index, direction)
     round_best = _best_value(round_trials, score_index, direction)
-    prefix = _round_prefix(study)
-    attrs = study.user_attrs
+    prefix = _prefix(attrs)
     previous = [attrs[f"{prefix}{k}"] for k in range(1, round_number) if f"{prefix}{k}" in attrs]
     summary: dict[str, Any] = {
         "round": round_number,
@@ -659,21 +777,35 @@ def observe_round(
     }
     summary["stop_reason"] = _stop_reason(spec, config, counts, best, previous, round_number)
     if summary["stop_reason"] is None:
-        summary["stop_reason"] = _deadline_reason(study, spec)
+        summary["stop_reason"] = _deadline(attrs, spec)
     already = attrs.get(f"{prefix}{round_number}")
-    unchanged = False
     if already is not None and _same_summary(already, summary):
-        # observe ran again (cleared or retried) and nothing changed: log nothing twice.
-        unchanged = True
+        # observe ran again (cleared or retried) and nothing changed: log and store nothing twice.
         summary["reconciled"] = already.get("reconciled", [])
         log.info("round %d summary unchanged since the last observe", round_number)
-    study.set_user_attr(f"{prefix}{round_number}", summary)
-    if summary["stop_reason"]:
+    else:
+        study.set_user_attr(f"{prefix}{round_number}", summary)
+        _log_round(tracker, attrs.get(ATTR_PARENT_RUN), summary)
+    if summary["stop_reason"] and attrs.get(ATTR_STOP) != summary["stop_reason"]:
         study.set_user_attr(ATTR_STOP, summary["stop_reason"])
-    if not unchanged:
-        _log_round(deployment, study, summary)
     log.info("round %d summary: %s", round_number, json.dumps(summary, default=str))
     return summary
+
+
+class _Tracker:
+    """The deployment's MLflow client, made on first use (a task that logs nothing never makes one)."""
+
+    def __init__(self, deployment: Deployment, client: Any = None) -> None:
+        self.deployment = deployment
+        self._client: Any = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from hpo_core import tracking
+
+            self._client = tracking.client(self.deployment, set_uris=False)
+        return self._client
 
 
 def _same_summary(stored: Mapping[str, Any], summary: Mapping[str, Any]) -> bool:
@@ -687,21 +819,16 @@ def _same_summary(stored: Mapping[str, Any], summary: Mapping[str, Any]) -> bool
     return norm(stored) == norm(summary)
 
 
-def _fail_lost_runs(deployment: Deployment, study: optuna.Study, numbers: list[int]) -> None:
+def _fail_lost_runs(tracker: _Tracker, failed: list[FrozenTrial]) -> None:
     """Close the MLflow child runs that failed trials' lost workers left RUNNING, with the reason."""
-    if not numbers:
-        return
     from hpo_core import tracking
 
-    mlflow_client = None
-    wanted = set(numbers)
-    for t in study.get_trials(deepcopy=False):
+    for t in failed:
         run_id = t.user_attrs.get(T_MLFLOW_RUN)
-        if t.number not in wanted or not run_id:
+        if not run_id:
             continue
-        mlflow_client = mlflow_client or tracking.client(deployment)
         reason = str(t.user_attrs.get(FAIL_REASON, "worker lost"))
-        tracking.fail_trial_run(mlflow_client, run_id, reason=reason, details=f"trial {t.number}: {reason}")
+        tracking.fail_trial_run(tracker.client, run_id, reason=reason, details=f"trial {t.number}: {reason}")
 
 
 def _score_index(spec: StudySpec) -> int:
@@ -746,13 +873,12 @@ def _stop_reason(
     return None
 
 
-def _log_round(deployment: Deployment, study: optuna.Study, summary: Mapping[str, Any]) -> None:
-    parent = study.user_attrs.get(ATTR_PARENT_RUN)
+def _log_round(tracker: _Tracker, parent: str | None, summary: Mapping[str, Any]) -> None:
+    """Round metrics (step = round) and ``rounds/round_NNN.json`` on the study's parent run."""
     if not parent:
         return
-    from hpo_core import tracking
+    from mlflow.entities import Metric
 
-    mlflow_client = tracking.client(deployment)
     step = int(summary["round"])
     metrics = {
         "best_value": summary["best_value"],
@@ -764,16 +890,13 @@ def _log_round(deployment: Deployment, study: optuna.Study, summary: Mapping[str
         "round_pruned": summary["round_pruned"],
         "round_failed": summary["round_failed"],
     }
-    import mlflow.entities
-
     ts = int(time.time() * 1000)
-    mlflow_client.log_batch(
+    client = tracker.client
+    client.log_batch(
         parent,
-        metrics=[
-            mlflow.entities.Metric(key, float(v), ts, step) for key, v in metrics.items() if v is not None
-        ],
+        metrics=[Metric(key, float(v), ts, step) for key, v in metrics.items() if v is not None],
     )
-    mlflow_client.log_dict(parent, dict(summary), f"rounds/round_{step:03d}.json")
+    client.log_dict(parent, dict(summary), f"rounds/round_{step:03d}.json")
 
 
 # --- finalize --------------------------------------------------------------------------------
@@ -781,7 +904,11 @@ def _log_round(deployment: Deployment, study: optuna.Study, summary: Mapping[str
 
 def pick_best(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
     """The best completed trial; with several objectives, the Pareto trial the spec's rule picks."""
-    complete = [t for t in _our_trials(study) if t.state == TrialState.COMPLETE]
+    return _pick_best(study, spec, _our_trials(study))
+
+
+def _pick_best(study: optuna.Study, spec: StudySpec, ours: list[FrozenTrial]) -> FrozenTrial | None:
+    complete = [t for t in ours if t.state == TrialState.COMPLETE]
     if not complete:
         return None
     if not spec.is_multi_objective:
@@ -807,6 +934,7 @@ def pick_best(study: optuna.Study, spec: StudySpec) -> FrozenTrial | None:
     return max(front, key=lambda t: sign * t.values[idx])
 
 
+@_flushed
 def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]:
     """Pick the best trial, register its model (alias ``challenger``) and close the parent run.
 
@@ -816,14 +944,22 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
         StudyOutcomeError: no trial completed, or the failed fraction is above the spec's limit
             (the parent run is closed as FAILED with the reason first).
     """
-    study, spec = load_study(deployment.storage_url, study_name)
-    _fail_lost_runs(deployment, study, reconcile_trials(study, round_number=spec.budget.max_rounds))
-    counts = count_trials(study)
-    best = pick_best(study, spec)
+    loaded = _load(deployment.storage_url, study_name)
+    study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
+    trials = study.get_trials(deepcopy=False)
+    closed = reconcile_trials(study, round_number=spec.budget.max_rounds, trials=trials)
     from hpo_core import registry, tracking
 
-    mlflow_client = tracking.client(deployment)
-    parent = study.user_attrs.get(ATTR_PARENT_RUN)
+    # Registration and promotion use MLflow's process-wide URIs (mlflow.register_model, models:/).
+    mlflow_client = tracking.client(deployment, set_uris=bool(spec.mlflow.registered_model))
+    if closed:
+        trials = study.get_trials(deepcopy=False)
+        lost = set(closed)
+        _fail_lost_runs(_Tracker(deployment, mlflow_client), [t for t in trials if t.number in lost])
+    ours = _ours(trials, attrs)
+    counts = _count(_counted(ours))
+    best = _pick_best(study, spec, ours)
+    parent = attrs.get(ATTR_PARENT_RUN)
     problem = None
     if best is None:
         problem = f"no trial completed ({counts.failed} failed, {counts.pruned} pruned of {counts.counted})"
@@ -861,30 +997,26 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
             mlflow_client,
             name=spec.mlflow.registered_model,
             model_uri=model_uri,
-            tags=lineage_tags(study, spec, best),
+            tags=lineage_tags(study, spec, best, attrs=attrs),
         )
         result["model_version"] = version
         result["model_name"] = spec.mlflow.registered_model
         result["alias"] = registry.CHALLENGER
         from hpo_core import promotion
 
-        decision = promotion.apply_rule(
-            mlflow_client, spec, version=version, seed=run_config(study).seed or 0
-        )
+        decision = promotion.apply_rule(mlflow_client, spec, version=version, seed=config.seed or 0)
         result["promotion"] = decision.to_dict()
     if parent:
-        import mlflow.entities
+        from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         mlflow_client.log_batch(
             parent,
-            metrics=[
-                mlflow.entities.Metric(f"best.{k}", float(v), ts, 0) for k, v in result["best_values"].items()
-            ],
+            metrics=[Metric(f"best.{k}", float(v), ts, 0) for k, v in result["best_values"].items()],
             tags=[
-                mlflow.entities.RunTag("hpo.best_trial", str(best.number)),
-                mlflow.entities.RunTag("hpo.best_params", json.dumps(best.params, sort_keys=True)),
-                mlflow.entities.RunTag("hpo.outcome", "succeeded"),
+                RunTag("hpo.best_trial", str(best.number)),
+                RunTag("hpo.best_params", json.dumps(best.params, sort_keys=True)),
+                RunTag("hpo.outcome", "succeeded"),
             ],
         )
         mlflow_client.set_terminated(parent, status="FINISHED")
@@ -901,8 +1033,12 @@ def _worker_image(spec: StudySpec, best: FrozenTrial) -> str | None:
     return spec.worker.image or os.environ.get("HPO_WORKER_IMAGE") or None
 
 
-def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dict[str, str]:
-    """Tags that prove where a registered version came from."""
+def lineage_tags(
+    study: optuna.Study, spec: StudySpec, best: FrozenTrial, *, attrs: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Tags that prove where a registered version came from (``attrs``: the study's, if just read)."""
+    if attrs is None:
+        attrs = study.user_attrs
     tags = {
         "hpo.study": study.study_name,
         "hpo.trial_number": str(best.number),
@@ -910,8 +1046,8 @@ def lineage_tags(study: optuna.Study, spec: StudySpec, best: FrozenTrial) -> dic
         "hpo.value": repr(best.values[_score_index(spec)]),
         "hpo.values": json.dumps(dict(zip(spec.objective_metrics, best.values, strict=True))),
         "hpo.params": json.dumps(best.params, sort_keys=True),
-        "hpo.dag_id": str(study.user_attrs.get(ATTR_DAG_ID)),
-        "hpo.run_id": str(best.user_attrs.get("hpo.run_id") or study.user_attrs.get(ATTR_RUN_ID)),
+        "hpo.dag_id": str(attrs.get(ATTR_DAG_ID)),
+        "hpo.run_id": str(best.user_attrs.get("hpo.run_id") or attrs.get(ATTR_RUN_ID)),
         "hpo.mlflow_run_id": str(best.user_attrs.get(T_MLFLOW_RUN)),
     }
     for key, value in (best.user_attrs.get(T_LINEAGE) or {}).items():

@@ -20,14 +20,32 @@ __all__ = [
 ERROR_ARTIFACT = "error.txt"
 
 
-def client(deployment: Deployment) -> Any:
-    """An ``MlflowClient`` bound to the deployment (also sets the process-wide URIs)."""
-    import mlflow
+_clients: dict[tuple[str, str | None], Any] = {}
 
-    mlflow.set_tracking_uri(deployment.tracking_uri)
-    if deployment.registry_uri:
-        mlflow.set_registry_uri(deployment.registry_uri)
-    return mlflow.MlflowClient(tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri)
+
+def client(deployment: Deployment, *, set_uris: bool = True) -> Any:
+    """The process's ``MlflowClient`` for the deployment's tracking server and registry.
+
+    One client per location and process (MLflow keeps its stores per process too). ``set_uris``:
+    also make the locations MLflow's process-wide URIs, which its fluent API uses (an objective's
+    ``mlflow.log_metric`` or ``log_model``, ``mlflow.register_model``, ``models:/`` URIs); the first
+    time they change MLflow also resets its tracing, so a task that only calls the client skips it.
+    """
+    from mlflow.tracking import MlflowClient
+
+    if set_uris:
+        import mlflow
+
+        mlflow.set_tracking_uri(deployment.tracking_uri)
+        if deployment.registry_uri:
+            mlflow.set_registry_uri(deployment.registry_uri)
+    key = (deployment.tracking_uri, deployment.registry_uri)
+    found = _clients.get(key)
+    if found is None:
+        found = _clients[key] = MlflowClient(
+            tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri
+        )
+    return found
 
 
 def ensure_experiment(mlflow_client: Any, name: str, artifact_root: str | None) -> str:

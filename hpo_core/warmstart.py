@@ -65,10 +65,13 @@ class WarmStartResult:
 
 
 def previous_study_name(storage: Any, *, dag_id: str, exclude: str) -> str | None:
-    """The most recently started study of ``dag_id`` other than ``exclude``."""
+    """The most recently started study of ``dag_id`` other than ``exclude``.
+
+    Reads the studies' attributes only (not every study's trials, which a summary would load).
+    """
     runs = [
         (float(s.user_attrs.get(_ATTR_STARTED) or 0), s.study_name)
-        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        for s in optuna.storages.get_storage(storage).get_all_studies()
         if s.user_attrs.get(_ATTR_DAG_ID) == dag_id and s.study_name != exclude
     ]
     return max(runs)[1] if runs else None

@@ -100,9 +100,7 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
     assert [studies[n].user_attrs[engine.ATTR_RUN_ID] for n in names] == [r.run_id for r in runs]
 
     # Night 2 is warm-started: its first trials are the enqueued champion and day 1's next best.
-    first, second = (
-        optuna.load_study(study_name=n, storage=local_deployment.storage_url) for n in names[:2]
-    )
+    first, second = (optuna.load_study(study_name=n, storage=local_deployment.storage_url) for n in names[:2])
     warm = second.user_attrs[warmstart.ATTR_WARM_START]
     assert warm["previous_study"] == names[0]
     assert warm["skipped"] == []

@@ -30,6 +30,7 @@ def start(spec: StudySpec) -> dict[str, Any]:
     A run with a logical date (every scheduled run) gets a study named from that date; a manual
     run without one is named from its run id.
     """
+    _skip_airflow_model_import()
     from hpo_core import engine
 
     context = get_current_context()
@@ -54,6 +55,7 @@ def suggest(study: Mapping[str, Any], round_number: int) -> list[dict[str, Any]]
     Returns the batch split into slots (:func:`hpo_core.engine.batch_slots`), one per mapped
     evaluate task.
     """
+    _skip_airflow_model_import()
     from hpo_core import engine
 
     context = get_current_context()
@@ -134,6 +136,7 @@ def _relay(line: str) -> None:
 
 def observe(study: Mapping[str, Any] | None, round_number: int) -> dict[str, Any]:
     """Reconcile the round's trials, log its summary, decide whether the next round runs."""
+    _skip_airflow_model_import()
     from hpo_core import engine
 
     if not study:
@@ -141,16 +144,16 @@ def observe(study: Mapping[str, Any] | None, round_number: int) -> dict[str, Any
     context = get_current_context()
     dag_run = context["dag_run"]
     states = _evaluate_states(context, round_number)
-    deployment = resolve_deployment()
-    storage_study, _ = engine.load_study(deployment.storage_url, study["study_name"])
-    if not engine.trials_of_round(storage_study, round_number):
-        raise AirflowSkipException(f"round {round_number} did not run")
-    summary = engine.observe_round(
-        deployment=deployment,
-        study_name=study["study_name"],
-        round_number=round_number,
-        task_states=states,
-    )
+    try:
+        summary = engine.observe_round(
+            deployment=resolve_deployment(),
+            study_name=study["study_name"],
+            round_number=round_number,
+            task_states=states,
+            require_trials=True,
+        )
+    except engine.RoundNotRun as e:
+        raise AirflowSkipException(str(e)) from e
     for number, reason in summary["failures"].items():
         log.warning("trial %s failed: %s", number, reason)
     log.info(
@@ -188,6 +191,7 @@ def _evaluate_states(context: Any, round_number: int) -> dict[int, str]:
 
 def finalize(study: Mapping[str, Any] | None) -> dict[str, Any]:
     """Pick the best trial, register its model, and decide the run's outcome."""
+    _skip_airflow_model_import()
     from hpo_core import engine
 
     if not study:
@@ -231,3 +235,26 @@ def _failed_control_tasks(context: Any) -> list[str]:
         for key, state in (found.get(dag_run.run_id) or {}).items()
         if state in ("failed", "upstream_failed") and ".evaluate" not in key and key != "finalize"
     )
+
+
+def _skip_airflow_model_import() -> None:
+    """Disarm Airflow's hook that imports all of its ORM models at the first SQLAlchemy mapper setup.
+
+    Airflow installs it (``airflow.utils.orm_event_handlers``) for processes that use its metadata
+    database. A task process does not (Airflow 3 tasks talk to the API server), but the Optuna
+    storage and MLflow's SQL stores are SQLAlchemy ORMs too: the first query of a fresh task process
+    would spend about a second importing some hundred Airflow models it never uses. Where Airflow's
+    models are already set up (a scheduler-forked task process, ``dag.test()``), the hook has
+    run and removing it changes nothing.
+    """
+    try:
+        from airflow.models import import_all_models
+        from sqlalchemy import event
+        from sqlalchemy.orm import Mapper
+    except ImportError:
+        return
+    try:
+        if event.contains(Mapper, "before_configured", import_all_models):
+            event.remove(Mapper, "before_configured", import_all_models)
+    except Exception as e:  # an optimisation only
+        log.debug("Airflow's model import hook stays: %r", e)
