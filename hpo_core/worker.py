@@ -1,20 +1,27 @@
-"""Trial worker: ``python -m hpo_core.worker --study-name S --trial-number N``.
+"""Trial worker: ``python -m hpo_core.worker --study-name S --trial-number N [--trial-number M ...]``.
 
-Runs one trial: loads its params from the Optuna storage, runs the objective, logs a child
-MLflow run linked to the study's parent run, and tells the storage COMPLETE, PRUNED or FAIL.
-Locations and credentials come from the environment (see :mod:`hpo_core.deployment`), never
-from the arguments. The same command runs as a local subprocess or as a Kubernetes pod.
+Evaluates one *slot*: the trials named, in order, in one warm process (:func:`run_slot`; the local
+backend calls it inside the Airflow task process, a Kubernetes pod runs this command). The study,
+the storage, the ``MlflowClient`` and the objective's module are loaded once per slot; each
+trial's objective then runs in a child forked from the slot process, which reports its result
+back. For each trial the slot claims it, opens its MLflow child run, waits for the child, and tells
+the storage COMPLETE, PRUNED or FAIL with the reason, so a crash, hang, NaN or SIGKILL of one
+trial ends that trial only and the slot goes on. Locations and credentials come from the
+environment (see :mod:`hpo_core.deployment`), never from the arguments.
 
-Retry semantics (DESIGN.md): a trial still RUNNING is taken over; a trial closed as FAIL is
-replaced by a new trial with the same params and ``hpo.retry_of``; a COMPLETE or PRUNED trial is
+Retry semantics (DESIGN.md), per trial: a trial still RUNNING is taken over; a trial closed as FAIL
+is replaced by a new trial with the same params and ``hpo.retry_of``; a COMPLETE or PRUNED trial is
 never evaluated again. Before taking a trial over, the worker makes sure the attempt that started
 it is gone (no live process on this host, no recent heartbeat), so one trial never runs twice at
-once; the abandoned attempt's MLflow run is closed as FAILED.
+once; the abandoned attempt's MLflow run is closed as FAILED. Beyond DESIGN.md: a trial whose
+forked child dies (SIGKILL, out of memory) is closed as FAIL at once by its slot (``killed: …``);
+only the death of the whole slot process leaves trials RUNNING for a take-over or ``observe``.
+``hpo.worker.pid`` is the slot process's.
 
 Writes to the storage that a dropped or restarting database interrupts are retried a few times
 (only connection errors; anything else is raised at once).
 
-Exit codes: 0 the trial is finished (now or before), 1 the trial failed, 2 usage or setup error.
+Exit codes: 0 every trial finished (now or before), 1 a trial failed, 2 usage or setup error.
 """
 
 from __future__ import annotations
