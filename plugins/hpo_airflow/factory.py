@@ -3,7 +3,7 @@
 Shape (fixed at parse time, from the spec)::
 
     start ─► round_1 ─► round_2 ─► … ─► round_R ─► finalize
-              └─ suggest ─► evaluate[0..B-1] (mapped) ─► observe
+              └─ suggest ─► evaluate[0..S-1] (mapped: one slot of k trials each) ─► observe
 """
 
 from __future__ import annotations
