@@ -373,6 +373,9 @@ class _Runner:
                 f"{self.label} {self.mode} {name}: {outcome['error']}\n{outcome.get('traceback')}"
             )
         record = {"step": name, "task": step["task"], **{k: v for k, v in outcome.items() if k != "result"}}
+        promotion = (outcome.get("result") or {}).get("promotion") if step["task"] == "finalize" else None
+        if promotion:
+            record["promotion"] = f"{promotion['comparison']}: {promotion['reason']}"
         self.records.append(record)
         print(
             f"  {self.mode:4} {self.label:10} {name:22} {outcome['seconds']:7.3f}s"
@@ -633,11 +636,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _OPTIONS["verbose"] = args.verbose
 
+    own_airflow_home = None
+    if not os.environ.get("AIRFLOW_HOME"):
+        own_airflow_home = os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="hpo-bench-ct-airflow-")
+    try:
+        return _main(args)
+    finally:
+        if own_airflow_home:
+            shutil.rmtree(own_airflow_home, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace) -> int:
     import importlib
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="hpo-bench-ct-airflow-"))
     sys.path[:0] = [str(REPO_ROOT / "plugins")]
     began = time.perf_counter()
     for name in (*_pre_imports(), *TASK_MODULES):
