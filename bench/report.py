@@ -19,7 +19,7 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PARTS = ("orchestration", "sample", "scale")
 #: Benchmarks whose ``<name>.json`` is small enough to keep in the repository when published.
-RESULT_FILES = ("orchestration",)
+RESULT_FILES = ("orchestration", "sample", "scale")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

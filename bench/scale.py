@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     logp = work / "probes.log"
-    previous = out / "scale.json"
+    previous = out / "scale_raw.json"
     # Running some parts again keeps the others' results of the same output folder.
     kept = json.loads(previous.read_text()) if previous.exists() and len(parts) < 3 else {}
     results: dict[str, Any] = {
@@ -637,9 +637,60 @@ def report(results: dict[str, Any], out: Path) -> str:
     (out / "scale.md").write_text(body + "\n")
     if "suggest" in results:
         (out / "suggest_profile.txt").write_text(results["suggest"].get("profile_top", ""))
-    write_json(out / "scale.json", results)
+    write_json(out / "scale_raw.json", results)
+    write_json(out / "scale.json", headline(results))
     plot(results, out)
     return body
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The published figures (``bench/results/scale.json``).
+
+    ``suggest_s``: ``suggest_batch(32)`` in a cold process by finished trials; ``wide_suggest_s``:
+    the ``suggest`` task of one round W wide; ``wide_ratio_<W>_<w>``: the widest over the narrowest.
+    """
+    out: dict[str, Any] = {
+        "machine_start": results.get("machine_start"),
+        "machine_end": results.get("machine_end"),
+    }
+    if "suggest" in results:
+        rows = results["suggest"]["rows"]
+        out["suggest_s"] = {str(r["finished_trials"]): r.get("plain_suggest_s") for r in rows}
+        by = out["suggest_s"]
+        sizes = sorted(int(k) for k in by if by[k] is not None)
+        if sizes:
+            big, small = by[str(sizes[-1])], by[str(sizes[0])]
+            out["targets"] = {
+                f"suggest_s_{sizes[-1]}": {
+                    "value": big,
+                    "target": f"<= {TARGET_SUGGEST_S:g}",
+                    "met": big <= TARGET_SUGGEST_S,
+                },
+                f"ratio_{sizes[-1]}_{sizes[0]}": {
+                    "value": big / small,
+                    "target": "<= 1.5",
+                    "met": big / small <= 1.5,
+                },
+            }
+    if "wide" in results:
+        wide = {str(r["width"]): r.get("suggest_s") for r in results["wide"]}
+        out["wide_suggest_s"] = wide
+        widths = sorted(int(k) for k in wide if wide[k])
+        if len(widths) >= 2:
+            ratio = wide[str(widths[-1])] / wide[str(widths[0])]
+            out[f"wide_ratio_{widths[-1]}_{widths[0]}"] = ratio
+            out.setdefault("targets", {})[f"wide_ratio_{widths[-1]}_{widths[0]}"] = {
+                "value": ratio,
+                "target": "<= 12",
+                "met": ratio <= 12,
+            }
+    if "parse" in results:
+        out["parse_s"] = {
+            str(r["study_files"]): (r["parse_s"] + r["serialize_s"]) if "parse_s" in r else None
+            for r in results["parse"]
+        }
+        out["parse_marginal_s_per_study"] = results.get("parse_marginal_s_per_study")
+    return out
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
