@@ -30,12 +30,14 @@ from hpo_core.spec import StudySpec, spec_from_json
 from hpo_core.storage import flush, open_storage
 
 __all__ = [
+    "LoadedStudy",
     "RoundNotRun",
     "RunConfig",
     "StudyCounts",
     "batch_slots",
     "count_trials",
     "finalize_study",
+    "load_run",
     "load_study",
     "observe_round",
     "reconcile_trials",
@@ -217,13 +219,13 @@ def study_name_for(spec: StudySpec, run_id: str, *, logical_date: dt.datetime | 
 
 def load_study(storage_url: str, study_name: str, *, round_number: int = 0) -> tuple[optuna.Study, StudySpec]:
     """Load a started study and its stored spec, with the sampler for ``round_number``."""
-    loaded = _load(storage_url, study_name, round_number=round_number)
+    loaded = load_run(storage_url, study_name, round_number=round_number)
     return loaded.study, loaded.spec
 
 
 @dataclass(frozen=True)
-class _Loaded:
-    """A started study with what one read of its attributes says (the attributes are read once)."""
+class LoadedStudy:
+    """A started study with what one read of its attributes says: its spec and the run's settings."""
 
     study: optuna.Study
     spec: StudySpec
@@ -231,7 +233,8 @@ class _Loaded:
     config: RunConfig
 
 
-def _load(storage_url: str, study_name: str, *, round_number: int = 0) -> _Loaded:
+def load_run(storage_url: str, study_name: str, *, round_number: int = 0) -> LoadedStudy:
+    """Load a started study, its spec, attributes and run settings with one read of its attributes."""
     storage = open_storage(storage_url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
@@ -244,7 +247,7 @@ def _load(storage_url: str, study_name: str, *, round_number: int = 0) -> _Loade
     study = optuna.load_study(
         study_name=study_name, storage=storage, sampler=sampler, pruner=build_pruner(spec)
     )
-    return _Loaded(study=study, spec=spec, attrs=attrs, config=config)
+    return LoadedStudy(study=study, spec=spec, attrs=attrs, config=config)
 
 
 def run_config(study: optuna.Study) -> RunConfig:
@@ -465,7 +468,7 @@ def suggest_batch(
         ``(batch, skip_reason)``: the batch ``[{"trial_number", "params", "label"}, ...]`` and,
         when it is empty, why the round is not needed.
     """
-    loaded = _load(storage_url, study_name, round_number=round_number)
+    loaded = load_run(storage_url, study_name, round_number=round_number)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
     trials = study.get_trials(deepcopy=False)
     if spec.trial.stale_timeout and reconcile_trials(
@@ -725,7 +728,7 @@ def observe_round(
     Reads the study once. ``require_trials``: raise :class:`RoundNotRun`, and change nothing, when
     the round has no trials.
     """
-    loaded = _load(deployment.storage_url, study_name, round_number=round_number)
+    loaded = load_run(deployment.storage_url, study_name, round_number=round_number)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
     trials = study.get_trials(deepcopy=False)
     if require_trials and not any(t.user_attrs.get(T_ROUND) == round_number for t in _ours(trials, attrs)):
@@ -944,7 +947,7 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> dict[str, Any]
         StudyOutcomeError: no trial completed, or the failed fraction is above the spec's limit
             (the parent run is closed as FAILED with the reason first).
     """
-    loaded = _load(deployment.storage_url, study_name)
+    loaded = load_run(deployment.storage_url, study_name)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
     trials = study.get_trials(deepcopy=False)
     closed = reconcile_trials(study, round_number=spec.budget.max_rounds, trials=trials)

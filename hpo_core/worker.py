@@ -351,27 +351,25 @@ class _Slot:
         self,
         *,
         deployment: Deployment,
-        study: optuna.Study,
-        spec: StudySpec,
+        loaded: engine.LoadedStudy,
         attempt: int,
         timeout: float,
         relay: Callable[[str], None],
     ) -> None:
-        self.deployment, self.study, self.spec = deployment, study, spec
+        self.deployment, self.study, self.spec = deployment, loaded.study, loaded.spec
         self.attempt, self.timeout, self.relay = attempt, timeout, relay
-        self.interval = heartbeat_interval(spec)
+        self.interval = heartbeat_interval(loaded.spec)
         self.stopping = False
         self._child: _Child | None = None
         self.modules_at_fork: frozenset[str] = frozenset()
-        attrs = _storage_call("read the study", lambda: study.user_attrs)
-        self.config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
-        self.parent_run = attrs.get(engine.ATTR_PARENT_RUN)
-        self.experiment_id = attrs.get(engine.ATTR_EXPERIMENT)
+        self.config = loaded.config
+        self.parent_run = loaded.attrs.get(engine.ATTR_PARENT_RUN)
+        self.experiment_id = loaded.attrs.get(engine.ATTR_EXPERIMENT)
         from hpo_core import tracking
 
         self.mlflow = tracking.client(deployment)
         try:  # warm: imported once here, every trial's child inherits it
-            self.objective: Callable[..., Any] | None = import_callable(spec.objective)
+            self.objective: Callable[..., Any] | None = import_callable(loaded.spec.objective)
         except Exception:  # reported per trial, with its traceback, by the child that imports again
             self.objective = None
 
@@ -385,15 +383,12 @@ class _Slot:
         timeout: float | None,
         relay: Callable[[str], None] | None,
     ) -> _Slot:
-        study, spec = _storage_call(
-            "load the study", lambda: engine.load_study(deployment.storage_url, study_name)
-        )
+        loaded = _storage_call("load the study", lambda: engine.load_run(deployment.storage_url, study_name))
         return cls(
             deployment=deployment,
-            study=study,
-            spec=spec,
+            loaded=loaded,
             attempt=attempt,
-            timeout=float(timeout if timeout is not None else spec.trial.execution_timeout),
+            timeout=float(timeout if timeout is not None else loaded.spec.trial.execution_timeout),
             relay=relay or _relay_to_stderr,
         )
 

@@ -84,6 +84,7 @@ def evaluate_local(
     process, so one trial's crash, hang or kill ends only that trial. The task fails when any of its
     trials failed, its log listing every trial's outcome; a retry evaluates only the unfinished ones.
     """
+    _skip_airflow_model_import()
     from hpo_core import worker
 
     context = get_current_context()
