@@ -128,17 +128,25 @@ def run_worker(
     extra_env: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any] | None, str]:
     """Run ``python -m hpo_core.worker`` for one trial; return (exit code, HPO_RESULT, output)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "hpo_core.worker",
-        "--study-name",
-        study_name,
-        "--trial-number",
-        str(trial_number),
-        "--attempt",
-        str(attempt),
-    ]
+    code, results, output = run_slot_worker(
+        deployment, study_name, [trial_number], attempt=attempt, timeout=timeout, extra_env=extra_env
+    )
+    return code, (results[-1] if results else None), output
+
+
+def run_slot_worker(
+    deployment: Deployment,
+    study_name: str,
+    trial_numbers: list[int],
+    *,
+    attempt: int = 1,
+    timeout: float | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Run ``python -m hpo_core.worker`` for one slot; return (exit code, each trial's HPO_RESULT, output)."""
+    cmd = [sys.executable, "-m", "hpo_core.worker", "--study-name", study_name, "--attempt", str(attempt)]
+    for number in trial_numbers:
+        cmd += ["--trial-number", str(number)]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
     proc = subprocess.run(
@@ -149,12 +157,12 @@ def run_worker(
         timeout=300,
         check=False,
     )
-    output = proc.stdout + proc.stderr
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith("HPO_RESULT "):
-            result = json.loads(line.removeprefix("HPO_RESULT "))
-    return proc.returncode, result, output
+    results = [
+        json.loads(line.removeprefix("HPO_RESULT "))
+        for line in proc.stdout.splitlines()
+        if line.startswith("HPO_RESULT ")
+    ]
+    return proc.returncode, results, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")

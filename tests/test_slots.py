@@ -10,10 +10,7 @@ PostgreSQL, and a whole run goes through ``dag.test()``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core import engine
 from hpo_core.deployment import Deployment
-from tests.fixtures_core import ROOT, make_spec, study_mapping, use_dags_folder, worker_env, write_study
+from tests.fixtures_core import ROOT, make_spec, run_slot_worker, study_mapping, use_dags_folder, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -45,24 +42,6 @@ def _slot_study(**changes: Any) -> dict[str, Any]:
         mlflow={"experiment": "slots"},
         **changes,
     )
-
-
-def _run_slot(
-    deployment: Deployment, study_name: str, numbers: list[int], attempt: int
-) -> tuple[int, list[dict[str, Any]], str]:
-    """``python -m hpo_core.worker`` for one slot; (exit code, the HPO_RESULT of each trial, output)."""
-    cmd = [sys.executable, "-m", "hpo_core.worker", "--study-name", study_name, "--attempt", str(attempt)]
-    for number in numbers:
-        cmd += ["--trial-number", str(number)]
-    proc = subprocess.run(
-        cmd, env=worker_env(deployment), capture_output=True, text=True, timeout=300, check=False
-    )
-    results = [
-        json.loads(line.removeprefix("HPO_RESULT "))
-        for line in proc.stdout.splitlines()
-        if line.startswith("HPO_RESULT ")
-    ]
-    return proc.returncode, results, proc.stdout + proc.stderr
 
 
 def _trials_by_mode(deployment: Deployment, study_name: str) -> dict[str, FrozenTrial]:
@@ -115,7 +94,7 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
     numbers = slot["trial_numbers"]
     assert slot["label"] == f"trials {numbers[0]}–{numbers[-1]}"
 
-    code, results, output = _run_slot(deployment, name, numbers, attempt=1)
+    code, results, output = run_slot_worker(deployment, name, numbers, attempt=1)
     assert code == 1, output  # the slot failed because some of its trials did
     trials = _trials_by_mode(deployment, name)
     assert sorted(trials) == sorted(MODES)
@@ -144,7 +123,7 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
         assert run.data.params == {"mode": mode}
 
     # The slot again, as its retry or a manual clear would run it: only the bad trials run again.
-    code, results, output = _run_slot(deployment, name, numbers, attempt=2)
+    code, results, output = run_slot_worker(deployment, name, numbers, attempt=2)
     assert code == 0, output
     again = _trials_by_mode(deployment, name)
     assert sorted(again) == sorted([*MODES, "flaky+", "hang_once+", "kill_once+"])
