@@ -6,7 +6,7 @@
    inserted with the attributes real trials carry; one cProfile run per size splits the time.
 2. Parse + serialize the DAG folder with 0, 1 and 100 study files (cold process, DagBag).
 3. One round mapped W wide (W = 100 and 1,000) through ``dag.test()`` on a PostgreSQL metadata
-   database, the worker run in-process (see :mod:`bench.inprocess`).
+   database, each mapped task a warm slot worker in its task's process (as in production).
 
 Run with ``bench/run.sh scale [--quick]`` (project ``.venv``).
 """
@@ -44,16 +44,10 @@ TARGET_SUGGEST_S = 1.0
 EXAMPLE_STUDY = REPO_ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml"
 RESULT_PREFIX = "BENCH_RESULT "
 
-WIDE_DAG_FILE = '''"""Thin copy of dags/hpo_studies.py for the scale benchmark (in-process worker)."""
+WIDE_DAG_FILE = '''"""Thin copy of dags/hpo_studies.py for the scale benchmark."""
 
-import os
+from hpo_airflow import load_study_dags
 
-from hpo_airflow import _tasks, load_study_dags
-
-if os.environ.get("HPO_BENCH_INPROCESS_WORKER"):
-    from bench.inprocess import evaluate_in_process
-
-    _tasks.evaluate_local = evaluate_in_process
 load_study_dags(globals())
 '''
 
@@ -329,22 +323,18 @@ def wide_round(
     (dags / "hpo_bench_wide.py").write_text(WIDE_DAG_FILE)
     for w in widths:
         (dags / "studies" / f"bench_wide{w}.yaml").write_text(WIDE_STUDY.format(w=w))
-    timing = work / "wide_timings"
     env = {
         **airflow_env,
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "HPO_STORAGE_URL": pg.create_database("bench_wide_optuna"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'wide_mlflow.db'}",
         "HPO_ARTIFACT_ROOT": (work / "wide_art").as_uri(),
-        "HPO_BENCH_INPROCESS_WORKER": "1",
     }
     import mlflow
 
     mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()
     rows = []
     for w in widths:
-        shutil.rmtree(timing, ignore_errors=True)
-        env["HPO_BENCH_TIMING_DIR"] = str(timing)
         log(f"dag.test(): one round {w} wide")
         marked = w >= mark_from
         res = probe(
@@ -365,7 +355,7 @@ def wide_round(
             rows.append({"width": w, **res})
             continue
         tis = res.pop("task_instances")
-        workers = [json.loads(p.read_text()) for p in timing.glob("*.json")] if timing.is_dir() else []
+        workers = [] if marked else _worker_times(env["HPO_STORAGE_URL"], f"bench_wide{w}.")
 
         def dur(task_id: str, tis: list[dict[str, Any]] = tis) -> float | None:
             found = [t for t in tis if t["task_id"] == task_id and t["start"] and t["end"]]
@@ -380,7 +370,7 @@ def wide_round(
         rows.append(
             {
                 "width": w,
-                "workers": "marked success, not run" if marked else "in-process",
+                "workers": "marked success, not run" if marked else "slot worker in the task",
                 "state": res["state"],
                 "wall_s": res["wall_s"],
                 "evaluated": len(evs),
@@ -399,6 +389,28 @@ def wide_round(
         )
         log(f"dag.test() {w} wide: {fmt(res['wall_s'])} s, state {res['state']}")
     return rows
+
+
+def _worker_times(storage_url: str, study_prefix: str) -> list[dict[str, Any]]:
+    """When each trial's worker took it (``hpo.worker.started_at``) and when it finished, per trial."""
+    import optuna
+
+    from hpo_core.worker import T_WORKER
+
+    names = [n for n in optuna.get_all_study_names(storage=storage_url) if n.startswith(study_prefix)]
+    records = []
+    for name in names:
+        for t in optuna.load_study(study_name=name, storage=storage_url).get_trials(deepcopy=False):
+            started = (t.user_attrs.get(T_WORKER) or {}).get("started_at")
+            if started and t.datetime_complete:
+                records.append(
+                    {
+                        "trial": t.number,
+                        "worker_start": started,
+                        "worker_end": t.datetime_complete.timestamp(),
+                    }
+                )
+    return records
 
 
 def _tenth(workers: list[dict[str, Any]], *, first: bool) -> float | None:
@@ -592,7 +604,7 @@ def report(results: dict[str, Any], out: Path) -> str:
         lines += [
             "",
             "One round mapped W wide through dag.test() "
-            "(worker in-process; PostgreSQL metadata and storage):",
+            "(slot workers in the task processes; PostgreSQL metadata and storage):",
             "",
         ]
         lines.append(
