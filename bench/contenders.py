@@ -166,11 +166,12 @@ def run_optuna_example(args: argparse.Namespace) -> dict[str, Any]:
     from mlflow.entities import Metric, Param
 
     from hpo_core.objective import TrialContext, call_objective, normalize_result
-    from hpo_core.samplers import build_pruner, build_sampler
+    from hpo_core.samplers import build_sampler
+    from hpo_core.samplers.pruners import build_pruner
     from hpo_core.space import import_callable, sample_params
     from hpo_core.spec import load_spec
     from hpo_core.storage import open_storage
-    from hpo_core.tracking import flat_params
+    from hpo_core.tracking.runs import flat_params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(args.spec)

@@ -9,15 +9,15 @@
 Runs the example study (``dags/studies/breast_cancer_gbm.yaml``) on a fresh temporary ``HPO_HOME``
 (SQLite Optuna storage, SQLite MLflow, local artifacts): ``start``, then per round ``suggest`` ->
 evaluate -> ``observe``, then ``finalize``, each through its Airflow task body
-(``hpo_airflow._tasks``, with a stand-in task context), and times every task body:
+(``hpo_airflow.tasks``, with a stand-in task context), and times every task body:
 
 * **warm**: in a process forked from one that already imported what the warm local executor
   pre-imports (``hpo_airflow.executor.DEFAULT_PREIMPORTS``: Optuna, MLflow and its SQL stores,
-  ``hpo_core.engine/worker/tracking``, the task runner) and whose Airflow ORM is set up, as in the
+  ``hpo_core.study/worker/tracking``, the task runner) and whose Airflow ORM is set up, as in the
   scheduler a LocalExecutor task process is forked from; per-process caches (storage, MLflow client)
   start empty, as in a real task.
 * **cold**: in a fresh interpreter (``python -c``) that imports only what a task process has loaded
-  before the body (the Task SDK's task runner and ``hpo_airflow._tasks``, from parsing the DAG file);
+  before the body (the Task SDK's task runner and ``hpo_airflow.tasks``, from parsing the DAG file);
   "import" is that import, "body" the task function including the modules it imports itself, "wall"
   the whole process as seen from outside. ``--importtime DIR`` runs the cold processes with
   ``-X importtime`` (slower imports) and lists the modules each body imported.
@@ -60,9 +60,9 @@ STUDY_FILE = REPO_ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml"
 DAG_ID = "hpo_breast_cancer_gbm"
 #: What the local executor imports in the scheduler before it forks task processes (the warm
 #: executor's own list, ``hpo_airflow.executor.DEFAULT_PREIMPORTS``, when it is there).
-PRE_IMPORTS = ("optuna", "mlflow", "hpo_core.engine", "hpo_core.worker", "hpo_core.tracking")
+PRE_IMPORTS = ("optuna", "mlflow", "hpo_core.study.start", "hpo_core.worker", "hpo_core.tracking")
 #: What a task process has loaded before the body runs: the task runner, the DAG file's modules.
-TASK_MODULES = ("airflow.sdk.execution_time.task_runner", "hpo_airflow._tasks")
+TASK_MODULES = ("airflow.sdk.execution_time.task_runner", "hpo_airflow.tasks")
 RESULT_PREFIX = "BENCH_RESULT "
 BODY_MARKER = "BENCH_BODY_START"
 _OPTIONS = {"verbose": False}
@@ -112,7 +112,8 @@ def _run_step(step: Mapping[str, Any], *, profile: str | None = None) -> dict[st
     """Call one control task's body with a stand-in context; return its time and result."""
     import types
 
-    from hpo_airflow import _settings, _tasks
+    from hpo_airflow import settings as _settings
+    from hpo_airflow import tasks as _tasks
 
     context = {
         "dag_run": types.SimpleNamespace(dag_id=DAG_ID, run_id=step["run_id"]),
@@ -243,9 +244,10 @@ def _evaluate(
     import optuna
     from optuna.trial import TrialState
 
-    from hpo_core import engine, tracking
     from hpo_core.deployment import Deployment
+    from hpo_core.keys import StudyAttr, TrialAttr
     from hpo_core.storage import open_storage
+    from hpo_core.tracking import runs as tracking
 
     deployment = Deployment.from_env()
     storage = open_storage(deployment.storage_url)
@@ -278,7 +280,7 @@ def _evaluate(
             )
             storage.set_trial_user_attr(trial_id, "hpo.heartbeat", now)
             run = client.create_run(
-                attrs[engine.ATTR_EXPERIMENT],
+                attrs[StudyAttr.EXPERIMENT],
                 run_name=f"trial {number} · attempt 1",
                 tags={
                     "hpo.study": study_name,
@@ -286,7 +288,7 @@ def _evaluate(
                     "hpo.round": str(round_number),
                     "hpo.attempt": "1",
                     "hpo.role": "trial",
-                    "mlflow.parentRunId": attrs[engine.ATTR_PARENT_RUN],
+                    "mlflow.parentRunId": attrs[StudyAttr.PARENT_RUN],
                 },
             )
             run_id = run.info.run_id
@@ -295,7 +297,7 @@ def _evaluate(
             client.log_batch(
                 run_id, params=[Param(k, v) for k, v in tracking.flat_params(entry["params"]).items()]
             )
-            storage.set_trial_user_attr(trial_id, engine.T_MLFLOW_RUN, run_id)
+            storage.set_trial_user_attr(trial_id, TrialAttr.MLFLOW_RUN, run_id)
             if number == lose:
                 states[key] = "failed"
                 continue
@@ -311,11 +313,11 @@ def _evaluate(
 
                 with mlflow.start_run(run_id=run_id):
                     info = mlflow.sklearn.log_model(model, name="model")
-                storage.set_trial_user_attr(trial_id, engine.T_MODEL_URI, str(info.model_uri))
+                storage.set_trial_user_attr(trial_id, TrialAttr.MODEL_URI, str(info.model_uri))
                 storage.set_trial_user_attr(
-                    trial_id, engine.T_LINEAGE, {"data_fingerprint": fingerprint, "code_version": "bench/1"}
+                    trial_id, TrialAttr.LINEAGE, {"data_fingerprint": fingerprint, "code_version": "bench/1"}
                 )
-            storage.set_trial_user_attr(trial_id, engine.T_METRICS, {"roc_auc": value})
+            storage.set_trial_user_attr(trial_id, TrialAttr.METRICS, {"roc_auc": value})
             client.log_batch(run_id, metrics=[Metric("roc_auc", value, int(now * 1000), 0)])
             client.set_terminated(run_id, status="FINISHED")
             study.tell(number, values=[value])
@@ -516,9 +518,9 @@ def _scenario(mode: str, registered: bool, args: argparse.Namespace) -> list[dic
 
 def _install() -> None:
     """Create the embedded default's databases, as its first use does (Optuna tables, MLflow schema)."""
-    from hpo_core import tracking
     from hpo_core.deployment import Deployment
     from hpo_core.storage import open_storage
+    from hpo_core.tracking import runs as tracking
 
     deployment = Deployment.from_env()
     deployment.ensure_local_dirs()

@@ -182,9 +182,9 @@ def run_ours(
     """The pipeline's rounds: fresh sampler per round, B distinct asks, evaluate, tell."""
     import optuna
 
-    from hpo_core.engine import _ask_distinct, _key
     from hpo_core.samplers import build_sampler
     from hpo_core.space import space_size
+    from hpo_core.study.suggest import _ask_distinct, _key
 
     storage = optuna.storages.InMemoryStorage()
     optuna.create_study(storage=storage, study_name="s", direction="minimize")
@@ -346,25 +346,27 @@ def run_one(task: tuple[str, str, int, int, int]) -> dict[str, Any]:
 
 
 def verify_engine_parity(seed: int = 3, batch: int = 4, budget: int = 12) -> dict[str, Any]:
-    """Check that :func:`run_ours` asks exactly what ``engine.suggest_batch`` asks (SQLite storage)."""
+    """Check that :func:`run_ours` asks exactly what ``suggest_batch`` asks (SQLite storage)."""
     import dataclasses
 
     import optuna
 
-    from hpo_core import engine
+    from hpo_core.keys import StudyAttr
     from hpo_core.storage import open_storage
+    from hpo_core.study.config import RunConfig
+    from hpo_core.study.suggest import suggest_batch
 
     evaluate, space, _ = problem("bbob_f8_d2", seed)
     spec = make_spec(space, seed=seed, budget=budget, batch=batch)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/parity.db"
         study = optuna.create_study(storage=open_storage(url), study_name="parity", direction="minimize")
-        config = engine.RunConfig(n_trials=budget, batch_size=batch, seed=seed)
-        study.set_user_attr(engine.ATTR_SPEC, spec.to_json())
-        study.set_user_attr(engine.ATTR_RUN_CONFIG, dataclasses.asdict(config))
+        config = RunConfig(n_trials=budget, batch_size=batch, seed=seed)
+        study.set_user_attr(StudyAttr.SPEC, spec.to_json())
+        study.set_user_attr(StudyAttr.RUN_CONFIG, dataclasses.asdict(config))
         engine_params = []
         for k in range(1, math.ceil(budget / batch) + 1):
-            entries, _ = engine.suggest_batch(storage_url=url, study_name="parity", round_number=k)
+            entries, _ = suggest_batch(storage_url=url, study_name="parity", round_number=k)
             for e in entries:
                 study.tell(e["trial_number"], evaluate(e["params"]))
                 engine_params.append(e["params"])
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.problems:
         cfg["problems"] = args.problems.split(",")
     out = output_dir(args.out, "sample")
-    log("checking that the direct loop asks what engine.suggest_batch asks")
+    log("checking that the direct loop asks what suggest_batch asks")
     parity = verify_engine_parity()
     log(f"engine parity: {parity}")
     tasks = []

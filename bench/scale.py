@@ -197,9 +197,10 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
     """Grow a study to each size and time one cold-process suggest of 32 there."""
     import optuna
 
-    from hpo_core import engine
     from hpo_core.deployment import Deployment
+    from hpo_core.keys import StudyAttr
     from hpo_core.storage import open_storage
+    from hpo_core.study.start import start_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = pg.create_database("bench_scale_optuna")
@@ -207,12 +208,12 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
         storage_url=url, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", artifact_root=(work / "art").as_uri()
     )
     spec = _scale_spec()
-    started = engine.start_study(spec, deployment=deployment, dag_id="hpo_bench_scale", run_id="bench")
+    started = start_study(spec, deployment=deployment, dag_id="hpo_bench_scale", run_id="bench")
     name = started["study_name"]
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage)
     # The stored run config is the budget check's only input: a long-lived study past 6,400 trials.
-    study.set_user_attr(engine.ATTR_RUN_CONFIG, {**started["run_config"], "n_trials": 10**7})
+    study.set_user_attr(StudyAttr.RUN_CONFIG, {**started["run_config"], "n_trials": 10**7})
     study_id = storage.get_study_id_from_name(name)
     rng = random.Random(1)
     env = {"HPO_STORAGE_URL": url}

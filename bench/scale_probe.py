@@ -1,6 +1,6 @@
 """Cold-process probes of the scale benchmark (each call is a fresh interpreter, as a task is).
 
-* ``suggest``: time ``engine.suggest_batch`` for one round in a fresh process, optionally under
+* ``suggest``: time ``suggest_batch`` for one round in a fresh process, optionally under
   cProfile, and split it into storage reads, sampler, storage writes and the rest.
 * ``parse``: fill a DagBag from a DAG folder and serialize every DAG, as the DAG processor does.
 * ``dagtest``: run one study DAG with ``dag.test()`` and read back its task instances.
@@ -111,7 +111,8 @@ def _emit(data: dict[str, Any]) -> None:
 def probe_suggest(args: argparse.Namespace) -> None:
     """One round of ``suggest_batch`` in this fresh process."""
     t_import = time.perf_counter()
-    from hpo_core import engine
+    from hpo_core.deployment import Deployment
+    from hpo_core.study.suggest import suggest_batch
 
     imported = time.perf_counter()
     timers = _Timers()
@@ -123,8 +124,8 @@ def probe_suggest(args: argparse.Namespace) -> None:
         profile = cProfile.Profile()
         profile.enable()
     t0 = time.perf_counter()
-    batch, reason = engine.suggest_batch(
-        storage_url=os.environ["HPO_STORAGE_URL"],
+    batch, reason = suggest_batch(
+        deployment=Deployment.from_env(),
         study_name=args.study,
         round_number=args.round,
         dag_id="hpo_bench_scale",
@@ -159,11 +160,13 @@ def probe_suggest_snapshot(args: argparse.Namespace) -> None:
     import optuna
     from optuna.trial import FrozenTrial, TrialState
 
-    from hpo_core import engine
+    from hpo_core.keys import StudyAttr, TrialAttr
     from hpo_core.samplers import build_sampler
     from hpo_core.space import space_size
     from hpo_core.spec import spec_from_json
     from hpo_core.storage import open_storage
+    from hpo_core.study.config import RunConfig
+    from hpo_core.study.suggest import _ask_distinct, _key
 
     imported = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,8 +174,8 @@ def probe_suggest_snapshot(args: argparse.Namespace) -> None:
     storage = open_storage(os.environ["HPO_STORAGE_URL"])
     study_id = storage.get_study_id_from_name(args.study)
     attrs = storage.get_study_user_attrs(study_id)
-    spec = spec_from_json(attrs[engine.ATTR_SPEC])
-    config = engine.RunConfig(**attrs[engine.ATTR_RUN_CONFIG])
+    spec = spec_from_json(attrs[StudyAttr.SPEC])
+    config = RunConfig(**attrs[StudyAttr.RUN_CONFIG])
     trials = storage.get_all_trials(study_id, deepcopy=False)
     t_read = time.perf_counter()
     memory = optuna.storages.InMemoryStorage()
@@ -189,10 +192,10 @@ def probe_suggest_snapshot(args: argparse.Namespace) -> None:
     seen: set[str] = set()
     batch = []
     for _ in range(32):
-        trial, params = engine._ask_distinct(study, spec, seen, space_size(spec))
+        trial, params = _ask_distinct(study, spec, seen, space_size(spec))
         if trial is None:
             break
-        seen.add(engine._key(params))
+        seen.add(_key(params))
         batch.append((params, dict(trial.distributions)))
     t_sample = time.perf_counter()
     numbers = []
@@ -208,8 +211,8 @@ def probe_suggest_snapshot(args: argparse.Namespace) -> None:
             params=params,
             distributions=dists,
             user_attrs={
-                engine.T_ROUND: args.round,
-                engine.T_BATCH_INDEX: index,
+                TrialAttr.ROUND: args.round,
+                TrialAttr.BATCH_INDEX: index,
                 "hpo.map_index": index,
                 "hpo.dag_id": "hpo_bench_scale",
                 "hpo.run_id": "bench",

@@ -1,46 +1,54 @@
-"""Command line: ``hpo summary`` (what a study run produced), ``hpo validate`` (check study files),
-``hpo storage upgrade`` (migrate the Optuna storage after an Optuna upgrade)."""
+"""The ``hpo`` command: every command of the pipeline in one place.
+
+``hpo summary`` (what a study run produced), ``hpo validate`` (check study files), ``hpo storage
+upgrade`` (migrate the Optuna storage after an Optuna upgrade), ``hpo promote`` / ``hpo rollback``
+(move the registered model's ``champion`` alias by hand, recording who and why).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpo_core.deployment import Deployment
+import mlflow.pyfunc
+import optuna
+
+from hpo_core.deployment import Deployment, redact_url
 from hpo_core.errors import HpoError, StudySpecError
+from hpo_core.keys import StudyAttr
+from hpo_core.spec import StudySpec, load_spec
+from hpo_core.storage import open_storage, upgrade_schema
+from hpo_core.study.accounting import count_trials, pick_best
+from hpo_core.study.state import load_run
+from hpo_core.tracking import promotion, registry, runs
 
 __all__ = ["latest_study_name", "main", "study_summary"]
 
 
 def latest_study_name(deployment: Deployment, dag_id: str) -> str:
     """Name of the most recently started study of ``dag_id``."""
-    import optuna
-
-    from hpo_core import engine
-    from hpo_core.storage import open_storage
-
     storage = open_storage(deployment.storage_url)
-    runs = [
-        (float(s.user_attrs.get(engine.ATTR_STARTED, 0)), s.study_name)
+    started = [
+        (float(s.user_attrs.get(StudyAttr.STARTED, 0)), s.study_name)
         for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        if s.user_attrs.get(engine.ATTR_DAG_ID) == dag_id
+        if s.user_attrs.get(StudyAttr.DAG_ID) == dag_id
     ]
-    if not runs:
+    if not started:
         raise HpoError(f"no study of DAG {dag_id!r} in the storage; run the DAG first")
-    return max(runs)[1]
+    return max(started)[1]
 
 
 def study_summary(deployment: Deployment, study_name: str, *, check_model: bool = False) -> dict[str, Any]:
     """Best value and params, trial counts, MLflow parent run and registered version of a study."""
-    from hpo_core import engine, registry, tracking
-
-    study, spec = engine.load_study(deployment.storage_url, study_name)
-    counts = engine.count_trials(study)
-    best = engine.pick_best(study, spec)
+    loaded = load_run(deployment, study_name)
+    study, spec = loaded.study, loaded.spec
+    counts = count_trials(study)
+    best = pick_best(study, spec)
     out: dict[str, Any] = {
         "study": study_name,
         "trials": {
@@ -53,13 +61,13 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.values[0],
         "best_params": None if best is None else best.params,
-        "mlflow_parent_run_id": study.user_attrs.get(engine.ATTR_PARENT_RUN),
+        "mlflow_parent_run_id": loaded.attrs.get(StudyAttr.PARENT_RUN),
         "mlflow_tracking_uri": deployment.tracking_uri if "@" not in deployment.tracking_uri else "(hidden)",
-        "stop_reason": study.user_attrs.get(engine.ATTR_STOP),
+        "stop_reason": loaded.attrs.get(StudyAttr.STOP),
     }
     name = spec.mlflow.registered_model
     if name and best is not None:
-        client = tracking.client(deployment)
+        client = runs.client(deployment)
         version = registry.find_version(client, name=name, study=study_name, trial_number=str(best.number))
         if version is not None:
             aliases = sorted(client.get_model_version(name, version.version).aliases)
@@ -69,10 +77,8 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     return out
 
 
-def _predict_check(spec: Any, name: str) -> bool:
+def _predict_check(spec: StudySpec, name: str) -> bool:
     """Load ``models:/<name>@challenger`` and predict on a few rows of the example's data."""
-    import mlflow.pyfunc
-
     model = mlflow.pyfunc.load_model(f"models:/{name}@{'challenger'}")
     input_example = None
     try:
@@ -110,8 +116,6 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from hpo_core.spec import load_spec
-
     failed = 0
     for path in args.files:
         try:
@@ -125,11 +129,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_storage_upgrade(args: argparse.Namespace) -> int:
     """``hpo storage upgrade``: the schema-upgrade step after an Optuna upgrade (idempotent)."""
-    import optuna
-
-    from hpo_core.deployment import redact_url
-    from hpo_core.storage import upgrade_schema
-
     url = Deployment.from_env().storage_url
     before, after = upgrade_schema(url)
     if before is None:
@@ -143,7 +142,7 @@ def _cmd_storage_upgrade(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hpo`` argument parser (subcommands are added by other modules too)."""
+    """The ``hpo`` argument parser."""
     parser = argparse.ArgumentParser(prog="hpo", description="HPO pipeline command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="what the latest (or a named) study run produced")
@@ -162,10 +161,53 @@ def build_parser() -> argparse.ArgumentParser:
         "upgrade", help="migrate the storage's tables to the installed Optuna's schema (after an upgrade)"
     )
     upgrade.set_defaults(func=_cmd_storage_upgrade)
-    from hpo_core import promotion
-
-    promotion.add_cli_commands(sub)
+    p = sub.add_parser("promote", help="make a model version the champion (the old one stays for rollback)")
+    p.add_argument("model", help="registered model name")
+    p.add_argument("version", help="version number to promote")
+    _actor_reason(p)
+    p.set_defaults(func=_cmd_promote)
+    r = sub.add_parser("rollback", help="give champion back to the previous_champion version")
+    r.add_argument("model", help="registered model name")
+    _actor_reason(r)
+    r.set_defaults(func=_cmd_rollback)
     return parser
+
+
+def _actor_reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", required=True, help="why (recorded on the model version)")
+    parser.add_argument("--actor", default=os.environ.get("USER") or "unknown", help="who (default: $USER)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    result = promotion.promote(
+        args.model, args.version, actor=args.actor, reason=args.reason, deployment=Deployment.from_env()
+    )
+    _print_decision(result, args.json)
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    result = promotion.rollback(
+        args.model, actor=args.actor, reason=args.reason, deployment=Deployment.from_env()
+    )
+    _print_decision(result, args.json)
+    return 0
+
+
+def _print_decision(result: promotion.PromotionDecision, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    if not result.promoted:
+        print(result.reason)
+    elif result.rule == "rollback":
+        was = result.champion_version
+        print(f"{result.model_name}: {registry.CHAMPION} is version {result.version} again (was {was})")
+    else:
+        previous = result.previous_champion
+        kept = f"; version {previous} is {registry.PREVIOUS_CHAMPION}" if previous else ""
+        print(f"{result.model_name}: {registry.CHAMPION} is version {result.version}{kept}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

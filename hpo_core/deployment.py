@@ -20,22 +20,6 @@ ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "MLFLOW_REGISTRY_URI"
 ENV_ARTIFACT_ROOT = "HPO_ARTIFACT_ROOT"
 
-#: Variables a trial worker needs besides its arguments (credentials included: pass as env only).
-WORKER_ENV_KEYS = (
-    ENV_STORAGE_URL,
-    ENV_TRACKING_URI,
-    ENV_REGISTRY_URI,
-    ENV_ARTIFACT_ROOT,
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
-
 
 @dataclass(frozen=True)
 class Deployment:

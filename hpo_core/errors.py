@@ -6,6 +6,7 @@ __all__ = [
     "HpoError",
     "ObjectiveError",
     "PromotionError",
+    "RegistryError",
     "SearchSpaceError",
     "StorageConfigError",
     "StudyOutcomeError",
@@ -44,3 +45,7 @@ class StudyOutcomeError(HpoError, RuntimeError):
 
 class PromotionError(HpoError, ValueError):
     """A registry promotion or rollback cannot be carried out as asked."""
+
+
+class RegistryError(HpoError, RuntimeError):
+    """The MLflow model registry did not register a version as asked (refused it, or timed out)."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import mlflow
+import optuna
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from hpo_core.errors import ObjectiveError, SearchSpaceError
 from hpo_core.spec import StudySpec
-
-if TYPE_CHECKING:
-    import optuna
 
 __all__ = ["PresetTrial", "TrialContext", "call_objective", "normalize_result"]
 
@@ -34,7 +37,7 @@ class TrialContext:
         round_number: int,
         mlflow_run_id: str | None,
         attempt: int = 1,
-        mlflow_client: Any = None,
+        mlflow_client: MlflowClient | None = None,
     ) -> None:
         self._trial = trial
         self._mlflow_client = mlflow_client
@@ -75,10 +78,6 @@ class TrialContext:
         """Log several metrics at once (one call to the tracking server)."""
         if self.mlflow_run_id is None or not metrics:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self._client().log_batch(
             self.mlflow_run_id,
@@ -90,11 +89,9 @@ class TrialContext:
         if self.mlflow_run_id is not None:
             self._client().set_tag(self.mlflow_run_id, key, str(value))
 
-    def _client(self) -> Any:
+    def _client(self) -> MlflowClient:
         if self._mlflow_client is None:
-            import mlflow
-
-            self._mlflow_client = mlflow.MlflowClient()
+            self._mlflow_client = MlflowClient()
         return self._mlflow_client
 
     def set_lineage(self, *, data_fingerprint: str | None = None, code_version: str | None = None) -> None:
@@ -111,8 +108,6 @@ class TrialContext:
 
         ``flavor`` defaults to ``sklearn`` for scikit-learn estimators and ``pyfunc`` otherwise.
         """
-        import mlflow
-
         if flavor is None:
             flavor = "sklearn" if type(model).__module__.startswith("sklearn") else "pyfunc"
         module = getattr(mlflow, flavor, None)

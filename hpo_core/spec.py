@@ -11,7 +11,6 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,8 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from hpo_core.errors import StudySpecError
+from hpo_core.samplers import SAMPLERS
 
 __all__ = [
     "AlertsSpec",
@@ -54,9 +55,15 @@ _IMPORT_PATH_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 CategoricalValue = str | int | float | bool | None
 
 
-def _at(path: str, value: Any, message: str) -> ValueError:
-    """An error located at ``path`` below the validated object, for :func:`_format_errors`."""
-    return ValueError(f"@{path}@{_shorten(value)}@{message}")
+#: Error type of :func:`_at`: a message located below the object being validated.
+_LOCATED = "hpo_located"
+
+
+def _at(path: str, value: Any, message: str) -> PydanticCustomError:
+    """An error at ``path`` below the validated object, naming ``value``; :func:`_format_errors` words it."""
+    return PydanticCustomError(
+        _LOCATED, "{message}", {"path": path, "value": _shorten(value), "message": message}
+    )
 
 
 class _Frozen(BaseModel):
@@ -157,20 +164,24 @@ def _check_range(low: float, high: float, log: bool, step: float | None) -> None
             raise _at("step", step, "cannot be combined with 'log: true'; remove one of them")
 
 
-_SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2")
-_MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "gp", "qmc", "grid")
-
-
 class SamplerSpec(_Frozen):
-    """Which Optuna sampler suggests the trials, with its options."""
+    """Which sampler suggests the trials (a name of :data:`hpo_core.samplers.SAMPLERS`), with its options."""
 
-    type: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
+    type: str = "tpe"
     seed: int | None = None
     multivariate: bool = False
     constant_liar: bool = True
     n_startup_trials: int | None = Field(default=None, ge=0)
     population_size: int | None = Field(default=None, ge=2)
     qmc_type: Literal["sobol", "halton"] = "sobol"
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            names = [repr(name) for name in SAMPLERS]
+            raise _at("", v, f"is not allowed; allowed: {', '.join(names[:-1])} or {names[-1]}")
+        return v
 
 
 class PrunerSpec(_Frozen):
@@ -250,7 +261,9 @@ class ResourcesSpec(_Frozen):
 class WorkerSpec(_Frozen):
     """How a trial is evaluated: a local subprocess or a Kubernetes pod."""
 
-    backend: Literal["local", "kubernetes"] = "local"
+    #: A backend registered in ``plugins/hpo_airflow/backends`` (``local``, ``kubernetes``); the DAG
+    #: factory checks the name, since the backends are Airflow's side.
+    backend: str = Field(default="local", pattern=r"^[a-z][a-z0-9_]*$")
     image: str | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     namespace: str | None = None
@@ -371,57 +384,72 @@ class StudySpec(_Frozen):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> StudySpec:
+    def _one_space(self) -> StudySpec:
         if (self.search_space is None) == (self.space_function is None):
             if self.search_space is not None:
                 raise _at(
                     "space_function", self.space_function, "cannot be combined with 'search_space'; keep one"
                 )
             raise _at("search_space", None, "is missing; declare the parameters (or name a 'space_function')")
+        return self
+
+    @model_validator(mode="after")
+    def _objectives(self) -> StudySpec:
         if (self.direction is None) == (self.directions is None):
             if self.direction is not None:
                 raise _at("directions", self.directions, "cannot be combined with 'direction'; keep one")
             raise _at("direction", None, "is missing; use 'minimize' or 'maximize' (or 'directions')")
-        if self.directions is not None:
-            if len(self.directions) < 2:
+        sampler = SAMPLERS[self.sampler.type]
+        if self.directions is None:
+            if self.metrics is not None:
+                raise _at("metrics", self.metrics, "goes with 'directions'; use 'metric' for one objective")
+            if not sampler.single_objective:
                 raise _at(
-                    "directions", self.directions, "needs at least two entries; use 'direction' for one"
+                    "sampler.type", self.sampler.type, "is for several objectives ('directions'); use tpe"
                 )
-            if self.metrics is None or len(self.metrics) != len(self.directions):
-                raise _at("metrics", self.metrics, "must name one metric per entry of 'directions'")
-            if self.sampler.type not in _MULTI_OBJECTIVE_SAMPLERS:
+            return self
+        if len(self.directions) < 2:
+            raise _at("directions", self.directions, "needs at least two entries; use 'direction' for one")
+        if self.metrics is None or len(self.metrics) != len(self.directions):
+            raise _at("metrics", self.metrics, "must name one metric per entry of 'directions'")
+        if not sampler.multi_objective:
+            able = [name for name, info in SAMPLERS.items() if info.multi_objective]
+            raise _at(
+                "sampler.type", self.sampler.type, f"cannot optimise several objectives; use one of {able}"
+            )
+        if self.pareto_choice is None or self.pareto_choice.metric not in self.metrics:
+            raise _at(
+                "pareto_choice.metric",
+                self.pareto_choice.metric if self.pareto_choice else None,
+                f"several objectives need it to name one of the metrics {self.metrics}",
+            )
+        if self.pruner.type != "none":
+            raise _at("pruner.type", self.pruner.type, "pruning needs one objective; set pruner.type: none")
+        return self
+
+    @model_validator(mode="after")
+    def _space_fits_sampler(self) -> StudySpec:
+        finite = SAMPLERS[self.sampler.type].finite_space
+        if self.search_space is None:
+            if finite:
                 raise _at(
                     "sampler.type",
                     self.sampler.type,
-                    f"cannot optimise several objectives; use one of {list(_MULTI_OBJECTIVE_SAMPLERS)}",
+                    "needs a declared 'search_space', not a 'space_function'",
                 )
-            if self.pareto_choice is None or self.pareto_choice.metric not in self.metrics:
+            return self
+        _check_conditions(self.search_space)
+        for pname, p in self.search_space.items() if finite else ():
+            if isinstance(p, FloatParam) and p.step is None:
                 raise _at(
-                    "pareto_choice.metric",
-                    self.pareto_choice.metric if self.pareto_choice else None,
-                    f"several objectives need it to name one of the metrics {self.metrics}",
+                    f"search_space.{pname}.step",
+                    None,
+                    f"the {self.sampler.type} sampler needs a finite grid: give float parameters a 'step'",
                 )
-            if self.pruner.type != "none":
-                raise _at(
-                    "pruner.type", self.pruner.type, "pruning needs one objective; set pruner.type: none"
-                )
-        else:
-            if self.metrics is not None:
-                raise _at("metrics", self.metrics, "goes with 'directions'; use 'metric' for one objective")
-            if self.sampler.type == "nsga2":
-                raise _at("sampler.type", "nsga2", "is for several objectives ('directions'); use tpe")
-        if self.search_space is not None:
-            _check_conditions(self.search_space)
-            if self.sampler.type == "grid":
-                for pname, p in self.search_space.items():
-                    if isinstance(p, FloatParam) and p.step is None:
-                        raise _at(
-                            f"search_space.{pname}.step",
-                            None,
-                            "the grid sampler needs a finite grid: give float parameters a 'step'",
-                        )
-        elif self.sampler.type == "grid":
-            raise _at("sampler.type", "grid", "needs a declared 'search_space', not a 'space_function'")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_and_model(self) -> StudySpec:
         if self.schedule is not None and not self.schedule.strip():
             raise _at("schedule", self.schedule, "must be a cron expression, a preset like '@daily', or null")
         if self.mlflow.registered_model is None:
@@ -481,11 +509,6 @@ class StudySpec(_Frozen):
             return self.promotion.direction
         return self.all_directions[self.objective_metrics.index(self.score_metric)]
 
-    @property
-    def execution_timeout(self) -> timedelta:
-        """Per-trial timeout as a timedelta."""
-        return timedelta(seconds=self.trial.execution_timeout)
-
     def ordered_params(self) -> list[tuple[str, FloatParam | IntParam | CategoricalParam]]:
         """Declared parameters, parents before the parameters whose condition names them."""
         assert self.search_space is not None  # guarded by callers; not user input
@@ -539,8 +562,6 @@ def _check_conditions(space: Mapping[str, Any]) -> None:
 
 
 # --- loading -------------------------------------------------------------------------------
-
-_TOP_LEVEL_FIELDS = tuple(StudySpec.model_fields)
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -616,13 +637,14 @@ def _format_errors(source: str, raw: Mapping[str, Any], error: ValidationError) 
         elif kind == "literal_error":
             expected = err.get("ctx", {}).get("expected", "")
             msg = f"{path}: {_shorten(err.get('input'))} is not allowed; allowed: {expected}"
+        elif kind == _LOCATED:
+            ctx = err.get("ctx", {})
+            path = ".".join(part for part in (".".join(map(str, loc)), ctx["path"]) if part) or "(top level)"
+            shown, text = ctx["value"], ctx["message"]
+            msg = f"{path}: {shown} {text}" if shown != "None" else f"{path}: {text}"
         else:
             detail = err["msg"].removeprefix("Value error, ")
-            if detail.startswith("@"):
-                rel, shown, text = detail[1:].split("@", 2)
-                path = ".".join(part for part in (".".join(map(str, loc)), rel) if part)
-                msg = f"{path}: {shown} {text}" if shown != "None" else f"{path}: {text}"
-            elif kind == "string_pattern_mismatch":
+            if kind == "string_pattern_mismatch":
                 form = _PATTERN_HINTS.get(str(loc[-1]) if loc else "", "has the wrong form")
                 msg = f"{path}: {_shorten(err.get('input'))} {form}"
             else:
@@ -638,6 +660,7 @@ _PATTERN_HINTS = {
     "name": "must start with a letter and use only letters, digits and underscores (at most 64)",
     "objective": "is not an import path; write it as 'package.module:function'",
     "space_function": "is not an import path; write it as 'package.module:function'",
+    "backend": "must be the name of a worker backend, e.g. 'local' or 'kubernetes'",
     "webhook_url_env": "must name an environment variable that holds the URL (e.g. HPO_ALERT_WEBHOOK_URL), "
     "not the URL itself",
 }

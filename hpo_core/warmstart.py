@@ -14,15 +14,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from hpo_core.errors import SearchSpaceError, StudySpecError
+from hpo_core.keys import StudyAttr, Tag, TrialAttr
+from hpo_core.payloads import WarmStartRecord
 from hpo_core.space import check_params
 from hpo_core.spec import StudySpec, spec_from_json
+from hpo_core.tracking.registry import CHAMPION
 
 __all__ = [
-    "ATTR_WARM_START",
-    "T_WARM_START",
     "Candidate",
     "WarmStartResult",
     "champion_candidate",
@@ -32,15 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Study attribute: what the warm start enqueued and skipped (also marks it as done).
-ATTR_WARM_START = "hpo.warm_start"
-#: Trial attribute of an enqueued trial: where its params came from.
-T_WARM_START = "hpo.warm_start"
-
-_ATTR_SPEC = "hpo.spec"
-_ATTR_DAG_ID = "hpo.dag_id"
-_ATTR_STARTED = "hpo.started_at"
 
 
 @dataclass(frozen=True)
@@ -59,25 +54,25 @@ class WarmStartResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     previous_study: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> WarmStartRecord:
         """Plain data, for the study attribute and XCom."""
-        return asdict(self)
+        return WarmStartRecord(**asdict(self))  # type: ignore[typeddict-item]
 
 
-def previous_study_name(storage: Any, *, dag_id: str, exclude: str) -> str | None:
+def previous_study_name(storage: BaseStorage, *, dag_id: str, exclude: str) -> str | None:
     """The most recently started study of ``dag_id`` other than ``exclude``.
 
     Reads the studies' attributes only (not every study's trials, which a summary would load).
     """
     runs = [
-        (float(s.user_attrs.get(_ATTR_STARTED) or 0), s.study_name)
-        for s in optuna.storages.get_storage(storage).get_all_studies()
-        if s.user_attrs.get(_ATTR_DAG_ID) == dag_id and s.study_name != exclude
+        (float(s.user_attrs.get(StudyAttr.STARTED) or 0), s.study_name)
+        for s in storage.get_all_studies()
+        if s.user_attrs.get(StudyAttr.DAG_ID) == dag_id and s.study_name != exclude
     ]
     return max(runs)[1] if runs else None
 
 
-def top_candidates(storage: Any, study_name: str, *, spec: StudySpec, k: int) -> list[Candidate]:
+def top_candidates(storage: BaseStorage, study_name: str, *, spec: StudySpec, k: int) -> list[Candidate]:
     """The ``k`` best distinct configurations of a finished study, best first.
 
     Trials are ranked by the previous study's own score metric and direction (as stored with
@@ -87,7 +82,7 @@ def top_candidates(storage: Any, study_name: str, *, spec: StudySpec, k: int) ->
         return []
     study = optuna.load_study(study_name=study_name, storage=storage)
     ranking_spec = spec
-    stored = study.user_attrs.get(_ATTR_SPEC)
+    stored = study.user_attrs.get(StudyAttr.SPEC)
     if stored:
         try:
             ranking_spec = spec_from_json(stored)
@@ -99,7 +94,7 @@ def top_candidates(storage: Any, study_name: str, *, spec: StudySpec, k: int) ->
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.values and len(t.values) > index and not t.user_attrs.get("hpo.discarded")
+        if t.values and len(t.values) > index and not t.user_attrs.get(TrialAttr.DISCARDED)
     ]
     complete.sort(key=lambda t: (sign * t.values[index], t.number))
     out: list[Candidate] = []
@@ -122,21 +117,17 @@ def top_candidates(storage: Any, study_name: str, *, spec: StudySpec, k: int) ->
     return out
 
 
-def champion_candidate(mlflow_client: Any, model_name: str) -> tuple[Candidate | None, str | None]:
+def champion_candidate(mlflow_client: MlflowClient, model_name: str) -> tuple[Candidate | None, str | None]:
     """The params of the version aliased ``champion``.
 
     Returns:
         ``(candidate, note)``: the candidate, or ``None`` with a note saying why there is none.
     """
-    from mlflow.exceptions import MlflowException
-
-    from hpo_core.registry import CHAMPION
-
     try:
         version = mlflow_client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None, f"model {model_name!r} has no {CHAMPION} yet"
-    raw = (version.tags or {}).get("hpo.params")
+    raw = (version.tags or {}).get(Tag.PARAMS)
     source = f"{CHAMPION} {model_name} version {version.version}"
     if not raw:
         return None, f"{source} has no 'hpo.params' tag (not registered by a study)"
@@ -153,8 +144,9 @@ def enqueue_warm_start(
     study: optuna.Study,
     spec: StudySpec,
     *,
+    storage: BaseStorage,
     dag_id: str,
-    mlflow_client: Any | None,
+    mlflow_client: MlflowClient | None,
 ) -> WarmStartResult:
     """Enqueue the spec's warm-start configurations on ``study``, champion first.
 
@@ -171,12 +163,12 @@ def enqueue_warm_start(
         elif note:
             log.info("warm start: %s", note)
     if options.top_k > 0:
-        previous = previous_study_name(study._storage, dag_id=dag_id, exclude=study.study_name)
+        previous = previous_study_name(storage, dag_id=dag_id, exclude=study.study_name)
         result.previous_study = previous
         if previous is None:
             log.info("warm start: no previous study of %s to take the top %d from", dag_id, options.top_k)
         else:
-            candidates.extend(top_candidates(study._storage, previous, spec=spec, k=options.top_k))
+            candidates.extend(top_candidates(storage, previous, spec=spec, k=options.top_k))
     seen: set[str] = set()
     for candidate in candidates:
         key = _key(candidate.params)
@@ -192,7 +184,7 @@ def enqueue_warm_start(
             result.skipped.append({"source": candidate.source, "params": candidate.params, "reason": str(e)})
             continue
         study.enqueue_trial(
-            dict(candidate.params), user_attrs={T_WARM_START: candidate.source}, skip_if_exists=True
+            dict(candidate.params), user_attrs={TrialAttr.WARM_START: candidate.source}, skip_if_exists=True
         )
         log.info("warm start: enqueued %s: %s", candidate.source, _key(candidate.params))
         result.enqueued.append({"source": candidate.source, "params": candidate.params})

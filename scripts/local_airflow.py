@@ -998,19 +998,21 @@ class StudyWatcher:
     """Reads a run's trials from the Optuna storage (read only) once its ``start`` task succeeded."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
-        from hpo_core import engine
+        from hpo_core.deployment import Deployment
+        from hpo_core.study.state import load_run
 
-        self.engine = engine
-        self.study, self.spec = engine.load_study(storage_url, study_name)
-        config = engine.run_config(self.study)
+        loaded = load_run(Deployment.from_env({"HPO_STORAGE_URL": storage_url}), study_name)
+        self.study, self.spec = loaded.study, loaded.spec
+        config = loaded.config
         self.n_trials = config.n_trials
         self.rounds = math.ceil(config.n_trials / max(1, config.batch_size))
 
     def update(self, progress: Progress) -> None:
         from optuna.trial import TrialState
 
-        engine = self.engine
-        counts = engine.count_trials(self.study)
+        from hpo_core.study.accounting import count_trials, pick_best, trials_of_round
+
+        counts = count_trials(self.study)
         progress.n_trials = self.n_trials
         progress.rounds = self.rounds
         progress.counted = counts.counted
@@ -1018,7 +1020,7 @@ class StudyWatcher:
         progress.failed, progress.running = counts.failed, counts.running
         waiting = 0
         for number in range(1, self.spec.budget.max_rounds + 1):
-            trials = engine.trials_of_round(self.study, number)
+            trials = trials_of_round(self.study, number)
             if trials:
                 progress.round = number
             # A worker that took a trial over marks it (hpo.worker); before that it only waits.
@@ -1026,7 +1028,7 @@ class StudyWatcher:
                 1 for t in trials if t.state == TrialState.RUNNING and WORKER_ATTR not in t.user_attrs
             )
         progress.waiting = min(waiting, counts.running)
-        best = engine.pick_best(self.study, self.spec)
+        best = pick_best(self.study, self.spec)
         if best is not None and best.values:
             value = ", ".join(f"{v:.5g}" for v in best.values)
             progress.best = f"{value} (trial {best.number})"
@@ -1130,7 +1132,7 @@ def watch_run(
 
 def _study_name(airflow: LocalAirflow, dag_id: str, run_id: str) -> str | None:
     """The Optuna study of the run: what its ``start`` task returned (XCom), else the name
-    :func:`hpo_core.engine.study_name_for` gives a run without a logical date."""
+    :func:`hpo_core.study.config.study_name_for` gives a run without a logical date."""
     response = airflow.api.call(
         "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/start/xcomEntries/return_value"
     )
@@ -1140,15 +1142,15 @@ def _study_name(airflow: LocalAirflow, dag_id: str, run_id: str) -> str | None:
             value = json.loads(value)
     if isinstance(value, dict) and value.get("study_name"):
         return str(value["study_name"])
-    from hpo_core import engine
     from hpo_core.errors import StudySpecError
     from hpo_core.spec import load_spec
+    from hpo_core.study.config import study_name_for
 
     for path in sorted((airflow.settings.dags_folder / "studies").glob("*.y*ml")):
         with contextlib.suppress(StudySpecError):
             spec = load_spec(path)
             if spec.dag_id == dag_id:
-                return engine.study_name_for(spec, run_id)
+                return study_name_for(spec, run_id)
     return None
 
 

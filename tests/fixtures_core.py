@@ -99,11 +99,11 @@ def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_
 @pytest.fixture
 def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
     """Start a toy study (optionally with spec changes) and return its Optuna study name."""
-    from hpo_core import engine
+    from hpo_core.study.start import start_study
 
     def start(run_id: str = "manual__test", overrides: dict[str, Any] | None = None, **changes: Any) -> str:
         spec = make_spec(**changes)
-        out = engine.start_study(
+        out = start_study(
             spec, deployment=local_deployment, dag_id=spec.dag_id, run_id=run_id, overrides=overrides
         )
         return str(out["study_name"])

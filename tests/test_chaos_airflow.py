@@ -24,10 +24,12 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import TrialAttr
 from hpo_core.storage import open_storage
-from hpo_core.worker import T_WORKER
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.finalize import finalize_study
+from hpo_core.study.suggest import trial_label
 from tests.fixtures_core import ROOT, study_mapping, write_study
 from tests.services import LOOPBACK, AirflowClient, AirflowDeployment
 
@@ -172,7 +174,7 @@ def _study_of(deployment: Deployment, run_id: str) -> optuna.Study:
 
 
 def _trials(study: optuna.Study) -> dict[int, FrozenTrial]:
-    return {t.number: t for t in study.get_trials() if engine.T_ROUND in t.user_attrs}
+    return {t.number: t for t in study.get_trials() if TrialAttr.ROUND in t.user_attrs}
 
 
 def _tis(client: AirflowClient, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
@@ -222,7 +224,7 @@ def test_one_failed_trial_retried_through_the_rest_api_then_finalize_cleared(
     assert (tis[("round_1.observe", -1)]["state"], tis[("finalize", -1)]["state"]) == ("success", "failed")
     by_index = {t.user_attrs["hpo.map_index"]: t for t in first.values()}
     retried = by_index[1]
-    label = engine.trial_label(retried.number, retried.params)
+    label = trial_label(retried.number, retried.params)
     assert tis[(EVALUATE, 1)]["rendered_map_index"] == label  # the red task names its trial
     reason = f"RuntimeError: transient failure of trial {retried.number} on its first attempt"
     assert retried.user_attrs["fail_reason"] == reason
@@ -249,10 +251,10 @@ def test_one_failed_trial_retried_through_the_rest_api_then_finalize_cleared(
     # The retry evaluated the same params as a new trial, which replaces the failed one.
     trials = _trials(study)
     (replacement,) = [t for t in trials.values() if t.number not in first]
-    assert replacement.user_attrs[engine.T_RETRY_OF] == retried.number
+    assert replacement.user_attrs[TrialAttr.RETRY_OF] == retried.number
     assert (replacement.params, replacement.state) == (retried.params, TrialState.COMPLETE)
     assert sorted(trials) == sorted([*first, replacement.number])
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (2, 1, 1, 0)
     tis = _tis(client, dag_id, run_id)
     assert tis[(EVALUATE, 0)]["state"] == "failed"  # the other failure stays visible
@@ -263,7 +265,7 @@ def test_one_failed_trial_retried_through_the_rest_api_then_finalize_cleared(
     assert version.tags["hpo.trial_number"] == str(replacement.number)
     assert float(version.tags["hpo.value"]) == pytest.approx(replacement.value)
     assert tracking.get_model_version_by_alias("chaos_clear", "challenger").version == version.version
-    again = engine.finalize_study(deployment=chaos.deployment, study_name=study.study_name)
+    again = finalize_study(deployment=chaos.deployment, study_name=study.study_name)
     assert again["model_version"] == version.version  # finalize once more: nothing new
     assert len(tracking.search_model_versions("name = 'chaos_clear'")) == len(versions)
     runs = _child_runs(chaos.deployment, "chaos_clear", study.study_name)
@@ -318,12 +320,12 @@ def test_a_slot_cleared_through_the_rest_api_reevaluates_only_its_failed_trials(
     assert (ti["state"], ti["try_number"]) == ("success", 2)
     assert ti["rendered_map_index"] == f"trials {numbers[0]}–{numbers[-1]} · 4 done · best 1"
     trials = _trials(study)
-    replacements = {t.user_attrs[engine.T_RETRY_OF]: t for t in trials.values() if t.number not in first}
+    replacements = {t.user_attrs[TrialAttr.RETRY_OF]: t for t in trials.values() if t.number not in first}
     assert sorted(replacements) == sorted(by_mode[m].number for m in reasons)  # only the failed ones
     for failed_number, replacement in replacements.items():
         assert replacement.params == first[failed_number].params
         assert replacement.state == TrialState.COMPLETE
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (4, 4, 0, 0)
     runs = _child_runs(chaos.deployment, "chaos_slot", study.study_name)
     assert [r.info.status for r in runs[by_mode["ok"].number]] == ["FINISHED"]  # evaluated once
@@ -385,7 +387,8 @@ def test_study_completes_after_the_scheduler_is_killed_mid_round(chaos: Chaos) -
         except AssertionError:
             return False  # not started yet
         return len(trials) == 2 and all(
-            (t.user_attrs.get(T_WORKER) or {}).get("attempt") == 1 and engine.T_MLFLOW_RUN in t.user_attrs
+            (t.user_attrs.get(TrialAttr.WORKER) or {}).get("attempt") == 1
+            and TrialAttr.MLFLOW_RUN in t.user_attrs
             for t in trials
         )
 
@@ -397,7 +400,7 @@ def test_study_completes_after_the_scheduler_is_killed_mid_round(chaos: Chaos) -
         ti = tis[(EVALUATE, trial.user_attrs["hpo.map_index"])]
         assert (ti["state"], ti["rendered_map_index"]) == (
             "running",
-            engine.trial_label(trial.number, trial.params),
+            trial_label(trial.number, trial.params),
         )
 
     chaos.airflow.kill_scheduler()  # with its LocalExecutor, the trial tasks and their workers
@@ -409,7 +412,7 @@ def test_study_completes_after_the_scheduler_is_killed_mid_round(chaos: Chaos) -
     assert sorted(trials) == sorted(before)  # taken over by the retries: no replacement, no extra
     assert all(t.state == TrialState.COMPLETE for t in trials.values())
     assert all(t.params == before[n].params for n, t in trials.items())
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (2, 2, 0, 0)
     tis = _tis(client, dag_id, run_id)
     assert [tis[(EVALUATE, i)]["state"] for i in (0, 1)] == ["success", "success"]

@@ -22,9 +22,13 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
-from hpo_core.worker import T_HEARTBEAT, T_WORKER
+from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.finalize import finalize_study
+from hpo_core.study.observe import observe_round
+from hpo_core.study.start import start_study
+from hpo_core.study.suggest import suggest_batch
 from tests.fixtures_core import ROOT, make_spec, study_mapping, worker_env, write_study
 from tests.services import PostgresServer, database_name
 
@@ -41,7 +45,7 @@ def _slow_space(seconds: float) -> dict[str, Any]:
 def _start(deployment: Deployment, run_id: str = "manual__chaos", **changes: Any) -> str:
     spec = make_spec(**changes)
     return str(
-        engine.start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id)["study_name"]
+        start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id)["study_name"]
     )
 
 
@@ -50,7 +54,7 @@ def _study(deployment: Deployment, name: str) -> optuna.Study:
 
 
 def _trials(deployment: Deployment, name: str) -> dict[int, FrozenTrial]:
-    return {t.number: t for t in _study(deployment, name).get_trials() if engine.T_ROUND in t.user_attrs}
+    return {t.number: t for t in _study(deployment, name).get_trials() if TrialAttr.ROUND in t.user_attrs}
 
 
 class _Worker:
@@ -101,7 +105,7 @@ def _in_objective(deployment: Deployment, name: str, number: int, attempt: int) 
 
     def check() -> bool:
         attrs = _trials(deployment, name)[number].user_attrs
-        return (attrs.get(T_WORKER) or {}).get("attempt") == attempt and engine.T_MLFLOW_RUN in attrs
+        return (attrs.get(TrialAttr.WORKER) or {}).get("attempt") == attempt and TrialAttr.MLFLOW_RUN in attrs
 
     return check
 
@@ -145,7 +149,7 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         trial={"retries": 1, "retry_delay": 0, "execution_timeout": 300, "stale_timeout": 3},
         mlflow=NO_MODEL,
     )
-    batch, _ = engine.suggest_batch(storage_url=local_deployment.storage_url, study_name=name, round_number=1)
+    batch, _ = suggest_batch(deployment=local_deployment, study_name=name, round_number=1)
     taken, stale, lost = (entry["trial_number"] for entry in batch)
     first = {n: _Worker(local_deployment, name, n, 1, tmp_path) for n in (taken, stale, lost)}
     workers.extend(first.values())
@@ -164,13 +168,13 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         what=f"attempt 2 takes trial {taken} over",
     )
     _wait_until(
-        lambda: time.time() - _trials(local_deployment, name)[stale].user_attrs[T_HEARTBEAT] > 3.5,
+        lambda: time.time() - _trials(local_deployment, name)[stale].user_attrs[TrialAttr.HEARTBEAT] > 3.5,
         timeout=30,
         what=f"trial {stale} has been silent for longer than its stale timeout",
     )
     # The next suggest sweeps stale trials first (here it then finds the budget spent).
-    assert engine.suggest_batch(
-        storage_url=local_deployment.storage_url, study_name=name, round_number=2
+    assert suggest_batch(
+        deployment=local_deployment, study_name=name, round_number=2
     ) == (
         [],
         "budget spent: 3 of 3 trials",
@@ -184,7 +188,7 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
     first[lost].kill()
     assert retry.wait() == 0, retry.output
     assert f"trial {taken}: attempt 1 (pid {first[taken].proc.pid} on " in retry.output
-    summary = engine.observe_round(
+    summary = observe_round(
         deployment=local_deployment,
         study_name=name,
         round_number=1,
@@ -204,7 +208,7 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         TrialState.FAIL,
     ]
     assert trials[taken].params == {k: v for k, v in batch[0]["params"].items()}
-    counts = engine.count_trials(_study(local_deployment, name))
+    counts = count_trials(_study(local_deployment, name))
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (3, 1, 2, 0)
     # MLflow: the killed attempts' runs are closed as FAILED with the reason; the retry's run finished.
     runs = _child_runs(local_deployment, name)
@@ -221,11 +225,11 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         assert run.data.tags["hpo.error"] == trials[n].user_attrs["fail_reason"]
     # observe once more (a cleared or retried task): the same summary, nothing logged twice.
     client = mlflow.MlflowClient(tracking_uri=local_deployment.tracking_uri)
-    parent = _study(local_deployment, name).user_attrs[engine.ATTR_PARENT_RUN]
-    again = engine.observe_round(deployment=local_deployment, study_name=name, round_number=1)
+    parent = _study(local_deployment, name).user_attrs[StudyAttr.PARENT_RUN]
+    again = observe_round(deployment=local_deployment, study_name=name, round_number=1)
     assert again == summary
     assert [m.step for m in client.get_metric_history(parent, "n_failed")] == [1]
-    counts = engine.count_trials(_study(local_deployment, name))
+    counts = count_trials(_study(local_deployment, name))
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (3, 1, 2, 0)
 
 
@@ -234,7 +238,7 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
 
 def _evaluate_round(deployment: Deployment, name: str, folder: Path, workers: list[_Worker]) -> list[_Worker]:
     """Start one worker per trial of round 1, as the mapped tasks would."""
-    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=1)
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=1)
     started = [_Worker(deployment, name, entry["trial_number"], 1, folder) for entry in batch]
     workers.extend(started)
     return started
@@ -252,7 +256,7 @@ def _assert_round_complete(deployment: Deployment, name: str, numbers: list[int]
     trials = _trials(deployment, name)
     assert sorted(trials) == sorted(numbers)
     assert all(t.state == TrialState.COMPLETE for t in trials.values())
-    counts = engine.count_trials(_study(deployment, name))
+    counts = count_trials(_study(deployment, name))
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (
         len(numbers),
         len(numbers),
@@ -294,7 +298,7 @@ def test_round_survives_dropped_connections_and_a_database_restart(
         finished = [_finish_like_airflow(deployment, name, w, tmp_path) for w in started]
         dropped += server.terminate_backends(database_name(url))  # the observing task's too
 
-        summary = engine.observe_round(deployment=deployment, study_name=name, round_number=1)
+        summary = observe_round(deployment=deployment, study_name=name, round_number=1)
 
         assert dropped > 0
         outputs = "\n".join(w.output for w in finished)
@@ -349,7 +353,7 @@ def _run_study(deployment: Deployment, dag_run: Any) -> tuple[str, dict[str, Fro
     name = latest_study_name(deployment, "hpo_quadratic")
     by_mode: dict[str, FrozenTrial] = {}
     for trial in sorted(_trials(deployment, name).values(), key=lambda t: t.number):
-        key = trial.params["mode"] + ("+" if engine.T_RETRY_OF in trial.user_attrs else "")
+        key = trial.params["mode"] + ("+" if TrialAttr.RETRY_OF in trial.user_attrs else "")
         assert key not in by_mode, f"two trials for {key}"
         by_mode[key] = trial
     return name, by_mode
@@ -390,7 +394,7 @@ def test_run_fails_with_its_reason_when_too_many_trials_fail(
         "hang": "timeout: the objective ran longer than 3s",
     }
     assert trials["ok"].state == TrialState.COMPLETE and trials["ok"].value == 1.0
-    counts = engine.count_trials(_study(local_deployment, name))
+    counts = count_trials(_study(local_deployment, name))
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (5, 1, 4, 0)
     problem = "4 of 5 trials failed (80%), above stopping.max_failed_fraction=50%"
     # The run says why: finalize failed with the reason, and the parent run carries it.
@@ -399,7 +403,7 @@ def test_run_fails_with_its_reason_when_too_many_trials_fail(
     assert tis[("round_1.observe", -1)].state == "success"  # the round went on past the failures
     assert f"AirflowFailException: study {name}: {problem}" in task_logs
     client = mlflow.MlflowClient(tracking_uri=local_deployment.tracking_uri)
-    parent_id = _study(local_deployment, name).user_attrs[engine.ATTR_PARENT_RUN]
+    parent_id = _study(local_deployment, name).user_attrs[StudyAttr.PARENT_RUN]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["hpo.outcome"] == f"failed: {problem}"
@@ -408,7 +412,7 @@ def test_run_fails_with_its_reason_when_too_many_trials_fail(
         ti = tis[("round_1.evaluate", trial.user_attrs["hpo.map_index"])]
         assert ti.state == ("success" if mode == "ok" else "failed")
         assert ti.rendered_map_index == f"trial {trial.number} · mode={mode}"
-    summary = _study(local_deployment, name).user_attrs[f"{engine.ATTR_ROUND_PREFIX}1"]
+    summary = _study(local_deployment, name).user_attrs[f"{StudyAttr.ROUND_SUMMARY_PREFIX}1"]
     assert summary["failures"] == {str(t.number): reasons[m] for m, t in trials.items() if m != "ok"}
     # The task log has the params, the error and the tail of the traceback.
     raised = trials["raise"].number
@@ -454,9 +458,9 @@ def test_first_attempt_failures_are_retried_and_the_run_succeeds(
     ]
     for mode in ("flaky", "raise"):  # the retry evaluated the same params as a new trial
         replacement = trials[f"{mode}+"]
-        assert replacement.user_attrs[engine.T_RETRY_OF] == trials[mode].number
+        assert replacement.user_attrs[TrialAttr.RETRY_OF] == trials[mode].number
         assert replacement.params == trials[mode].params
-    counts = engine.count_trials(_study(local_deployment, name))
+    counts = count_trials(_study(local_deployment, name))
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (3, 2, 1, 0)
     tis = _task_instances(dag_run)
     states = {
@@ -466,5 +470,5 @@ def test_first_attempt_failures_are_retried_and_the_run_succeeds(
     }  # fmt: skip
     assert states == {"ok": ("success", 1), "flaky": ("success", 2), "raise": ("failed", 2)}
     assert tis[("finalize", -1)].state == "success"
-    result = engine.finalize_study(deployment=local_deployment, study_name=name)  # again: same answer
+    result = finalize_study(deployment=local_deployment, study_name=name)  # again: same answer
     assert (result["best_trial"], result["complete"], result["failed"]) == (trials["ok"].number, 2, 1)

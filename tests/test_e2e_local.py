@@ -10,8 +10,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.spec import spec_from_json
+from hpo_core.study.accounting import count_trials, pick_best
+from hpo_core.study.finalize import finalize_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +41,12 @@ def test_example_study_end_to_end(airflow_db: Path, local_deployment: Deployment
     assert dag_run.state == "success"
 
     study = _study(local_deployment, "hpo_breast_cancer_gbm")
-    trials = [t for t in study.trials if engine.T_ROUND in t.user_attrs]
+    trials = [t for t in study.trials if TrialAttr.ROUND in t.user_attrs]
     assert len(trials) == 4
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert {t.user_attrs[engine.T_ROUND] for t in trials} == {1, 2}
+    assert {t.user_attrs[TrialAttr.ROUND] for t in trials} == {1, 2}
     assert all(t.user_attrs["hpo.run_id"] == dag_run.run_id for t in trials)
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert counts.counted == 4 and counts.failed == 0
 
     client = mlflow.MlflowClient(tracking_uri=local_deployment.tracking_uri)
@@ -53,7 +56,7 @@ def test_example_study_end_to_end(airflow_db: Path, local_deployment: Deployment
     children = [r for r in runs if r.data.tags.get("hpo.role") == "trial"]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_id == study.user_attrs[engine.ATTR_PARENT_RUN]
+    assert parent.info.run_id == study.user_attrs[StudyAttr.PARENT_RUN]
     assert parent.info.status == "FINISHED"
     assert len(children) == 4  # one child run per trial attempt
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
@@ -61,7 +64,7 @@ def test_example_study_end_to_end(airflow_db: Path, local_deployment: Deployment
     history = client.get_metric_history(parent.info.run_id, "best_value")
     assert [m.step for m in history] == [1, 2]
 
-    best = engine.pick_best(study, engine.spec_from_json(study.user_attrs[engine.ATTR_SPEC]))
+    best = pick_best(study, spec_from_json(study.user_attrs[StudyAttr.SPEC]))
     assert best is not None
     version = client.get_model_version_by_alias("breast_cancer_gbm", "challenger")
     assert version.tags["hpo.study"] == study.study_name
@@ -78,6 +81,6 @@ def test_example_study_end_to_end(airflow_db: Path, local_deployment: Deployment
     assert len(model.predict(x[:5])) == 5
 
     # finalize is idempotent: running it again registers nothing new.
-    again = engine.finalize_study(deployment=local_deployment, study_name=study.study_name)
+    again = finalize_study(deployment=local_deployment, study_name=study.study_name)
     assert again["model_version"] == str(version.version)
     assert len(client.search_model_versions("name = 'breast_cancer_gbm'")) == 1

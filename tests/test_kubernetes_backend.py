@@ -13,8 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import TrialAttr
+from hpo_core.study.suggest import batch_slots
 from tests.fixtures_core import study_mapping, use_dags_folder, write_study
 from tests.k8s_emulator import KubernetesEmulator
 
@@ -67,9 +68,8 @@ def _operator(
     monkeypatch: pytest.MonkeyPatch, *, numbers: tuple[int, ...] = (17,), **worker_changes: Any
 ) -> Any:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from hpo_airflow.kubernetes import slot_pod_overrides, trial_pod_settings
+    from hpo_airflow.backends.kubernetes import slot_pod_overrides, trial_pod_settings
 
-    from hpo_core import engine
     from hpo_core.spec import validate_mapping
 
     # Secrets present in the Airflow environment must never leak into the pod.
@@ -88,7 +88,7 @@ def _operator(
         }
         for n in numbers
     ]
-    (slot,) = engine.batch_slots(trials)
+    (slot,) = batch_slots(trials)
     op = KubernetesPodOperator(
         task_id="evaluate", **trial_pod_settings(spec, env={}), **slot_pod_overrides(slot)
     )
@@ -255,7 +255,7 @@ def _trials(deployment: Deployment) -> list[optuna.trial.FrozenTrial]:
 
     name = latest_study_name(deployment, "hpo_quadratic")
     study = optuna.load_study(study_name=name, storage=deployment.storage_url)
-    return [t for t in study.get_trials() if engine.T_ROUND in t.user_attrs]
+    return [t for t in study.get_trials() if TrialAttr.ROUND in t.user_attrs]
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_pod_faults_fail_the_trial_task_then_the_retry_succeeds(
     # started never touched it. Either way one trial, evaluated to the end once.
     (trial,) = _trials(local_deployment)
     assert trial.state == TrialState.COMPLETE
-    assert engine.T_RETRY_OF not in trial.user_attrs
+    assert TrialAttr.RETRY_OF not in trial.user_attrs
     out, err = capfd.readouterr()
     assert expected_reason in out + err
     tis = {
@@ -392,7 +392,7 @@ def test_a_slot_pod_closes_its_bad_trials_and_its_retry_pod_reevaluates_only_tho
     assert len(created) == 2  # one pod for the slot, one for its retry
     by_mode: dict[str, Any] = {}
     for trial in sorted(_trials(local_deployment), key=lambda t: t.number):
-        key = trial.params["mode"] + ("+" if engine.T_RETRY_OF in trial.user_attrs else "")
+        key = trial.params["mode"] + ("+" if TrialAttr.RETRY_OF in trial.user_attrs else "")
         assert key not in by_mode
         by_mode[key] = trial
     assert sorted(by_mode) == sorted([*modes, "flaky+", "hang_once+", "kill_once+"])
@@ -408,7 +408,7 @@ def test_a_slot_pod_closes_its_bad_trials_and_its_retry_pod_reevaluates_only_tho
         replacement = by_mode[f"{mode}+"]
         assert replacement.state == TrialState.COMPLETE
         assert replacement.params == by_mode[mode].params
-        assert replacement.user_attrs[engine.T_RETRY_OF] == by_mode[mode].number
+        assert replacement.user_attrs[TrialAttr.RETRY_OF] == by_mode[mode].number
     tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == "round_1.evaluate"]
     assert [(ti.map_index, ti.state, ti.try_number) for ti in tis] == [(0, "success", 2)]
     numbers = sorted(by_mode[m].number for m in modes)

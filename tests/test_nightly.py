@@ -19,9 +19,10 @@ import mlflow
 import optuna
 import pytest
 
-from hpo_core import engine, promotion, warmstart
 from hpo_core.deployment import Deployment
 from hpo_core.examples.drifting import day_data
+from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.tracking import promotion
 from tests.fixtures_core import make_spec, study_mapping, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,11 +98,11 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
     names = [f"drifting_nightly.2025-03-0{day}T030000Z" for day in (1, 2, 3)]
     studies = {s.study_name: s for s in optuna.get_all_study_summaries(local_deployment.storage_url)}
     assert set(names) <= set(studies)
-    assert [studies[n].user_attrs[engine.ATTR_RUN_ID] for n in names] == [r.run_id for r in runs]
+    assert [studies[n].user_attrs[StudyAttr.RUN_ID] for n in names] == [r.run_id for r in runs]
 
     # Night 2 is warm-started: its first trials are the enqueued champion and day 1's next best.
     first, second = (optuna.load_study(study_name=n, storage=local_deployment.storage_url) for n in names[:2])
-    warm = second.user_attrs[warmstart.ATTR_WARM_START]
+    warm = second.user_attrs[StudyAttr.WARM_START]
     assert warm["previous_study"] == names[0]
     assert warm["skipped"] == []
     enqueued = warm["enqueued"]
@@ -111,11 +112,11 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
     assert [e["params"] for e in enqueued] == [ranked[0].params, ranked[1].params]
     trials = sorted(second.trials, key=lambda t: t.number)
     assert [t.params for t in trials[: len(enqueued)]] == [e["params"] for e in enqueued]
-    assert [t.user_attrs.get(warmstart.T_WARM_START) for t in trials] == [
+    assert [t.user_attrs.get(TrialAttr.WARM_START) for t in trials] == [
         *(e["source"] for e in enqueued),
         *([None] * (len(trials) - len(enqueued))),
     ]
-    assert first.user_attrs[warmstart.ATTR_WARM_START]["enqueued"] == []  # nothing before night 1
+    assert first.user_attrs[StudyAttr.WARM_START]["enqueued"] == []  # nothing before night 1
 
     # Night 1: no champion yet. Night 2: better on night 2's data, promoted. Night 3: worse, not.
     versions = _versions(client)

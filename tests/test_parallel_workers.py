@@ -21,8 +21,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import TrialAttr
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.start import start_study
+from hpo_core.study.suggest import suggest_batch
 from tests.fixtures_core import make_spec, run_worker
 from tests.services import MLflowServer
 
@@ -100,9 +103,9 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
         budget={"n_trials": N_TRIALS, "batch_size": N_TRIALS, "max_rounds": 1, "max_batch_size": N_TRIALS},
         mlflow={"experiment": "parallel_workers"},
     )
-    started = engine.start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__parallel")
+    started = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__parallel")
     name = started["study_name"]
-    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=1)
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=1)
     numbers = [entry["trial_number"] for entry in batch]
     assert len(numbers) == N_TRIALS == len(set(numbers))
     duplicated = [numbers[i] for i in DUPLICATED]
@@ -145,17 +148,17 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
     trials = study.get_trials()
     assert [t.number for t in trials if not t.state.is_finished()] == []
     replacements = [
-        t for t in trials if engine.T_RETRY_OF in t.user_attrs and not t.user_attrs.get(engine.T_DISCARDED)
+        t for t in trials if TrialAttr.RETRY_OF in t.user_attrs and not t.user_attrs.get(TrialAttr.DISCARDED)
     ]
-    assert sorted(t.user_attrs[engine.T_RETRY_OF] for t in replacements) == sorted(failing)
+    assert sorted(t.user_attrs[TrialAttr.RETRY_OF] for t in replacements) == sorted(failing)
     by_number = {t.number: t for t in trials}
     for replacement in replacements:
-        original = by_number[replacement.user_attrs[engine.T_RETRY_OF]]
+        original = by_number[replacement.user_attrs[TrialAttr.RETRY_OF]]
         assert original.state == TrialState.FAIL
-        reason = original.user_attrs[engine.FAIL_REASON]
+        reason = original.user_attrs[TrialAttr.FAIL_REASON]
         assert reason == f"RuntimeError: trial {original.number} fails on purpose"
         assert replacement.state == TrialState.COMPLETE and replacement.params == original.params
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (N_TRIALS, N_TRIALS, 0, 0)
     retries = [launch.result for launch in second if launch.requested in failing and launch.result]
     assert sorted(result["already_finished"] for result in retries) == [False, False, True, True]
@@ -164,7 +167,7 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
 
     # Evaluations: one per trial that ran, no configuration twice except the retries of the failures.
     evaluations = _evaluations(evaluations_dir)
-    evaluated = [t for t in trials if not t.user_attrs.get(engine.T_DISCARDED)]
+    evaluated = [t for t in trials if not t.user_attrs.get(TrialAttr.DISCARDED)]
     assert Counter(e["number"] for e in evaluations) == dict.fromkeys((t.number for t in evaluated), 1)
     configs = Counter(_config(e["params"]) for e in evaluations)
     repeated = sorted(config for config, times in configs.items() if times > 1)

@@ -16,9 +16,11 @@ import optuna
 import psycopg2
 import pytest
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.storage import open_storage
+from hpo_core.study.accounting import count_trials, pick_best
+from hpo_core.study.state import load_run
 from tests.fixtures_core import ROOT, study_mapping, write_study
 from tests.services import AirflowClient, AirflowDeployment, MotoS3Server, PostgresServer, database_name
 
@@ -56,7 +58,7 @@ def _studies_of_dag(storage_url: str) -> list[str]:
     return [
         s.study_name
         for s in optuna.get_all_study_summaries(open_storage(storage_url), include_best_trial=False)
-        if s.user_attrs.get(engine.ATTR_DAG_ID) == DAG_ID
+        if s.user_attrs.get(StudyAttr.DAG_ID) == DAG_ID
     ]
 
 
@@ -123,13 +125,14 @@ def test_rest_triggered_study_runs_on_postgres_mlflow_server_and_s3(
     deployment = Deployment.from_env(hpo_env)
     assert deployment.storage_url.startswith("postgresql")
     (name,) = [n for n in _studies_of_dag(deployment.storage_url) if n.endswith(run_id)]
-    study, spec = engine.load_study(deployment.storage_url, name)
-    counts = engine.count_trials(study)
+    loaded = load_run(deployment, name)
+    study, spec = loaded.study, loaded.spec
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (4, 4, 0, 0)
-    trials = [t for t in study.get_trials() if engine.T_ROUND in t.user_attrs]
+    trials = [t for t in study.get_trials() if TrialAttr.ROUND in t.user_attrs]
     assert {t.user_attrs["hpo.run_id"] for t in trials} == {run_id}
-    assert engine.run_config(study).seed == CONF["seed"]
-    best = engine.pick_best(study, spec)
+    assert loaded.config.seed == CONF["seed"]
+    best = pick_best(study, spec)
     assert best is not None
 
     # MLflow server: one parent run, one child run per trial attempt, artifacts on S3.
@@ -138,14 +141,14 @@ def test_rest_triggered_study_runs_on_postgres_mlflow_server_and_s3(
     ours = [r for r in runs if r.data.tags.get("hpo.study") == name]
     (parent,) = [r for r in ours if r.data.tags.get("hpo.role") == "study"]
     children = [r for r in ours if r.data.tags.get("hpo.role") == "trial"]
-    assert parent.info.run_id == study.user_attrs[engine.ATTR_PARENT_RUN]
+    assert parent.info.run_id == study.user_attrs[StudyAttr.PARENT_RUN]
     assert parent.info.status == "FINISHED" and parent.data.tags["hpo.outcome"] == "succeeded"
     assert parent.info.artifact_uri.startswith(f"s3://{s3_server.bucket}/")
     assert Counter((c.data.tags["hpo.trial_number"], c.data.tags["hpo.attempt"]) for c in children) == {
         (str(t.number), "1"): 1 for t in trials
     }
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert {c.info.run_id for c in children} == {t.user_attrs[engine.T_MLFLOW_RUN] for t in trials}
+    assert {c.info.run_id for c in children} == {t.user_attrs[TrialAttr.MLFLOW_RUN] for t in trials}
     round_files = {a.path for a in tracking.list_artifacts(parent.info.run_id, "rounds")}
     assert round_files == {"rounds/round_001.json", "rounds/round_002.json"}
 
@@ -153,7 +156,7 @@ def test_rest_triggered_study_runs_on_postgres_mlflow_server_and_s3(
     version = tracking.get_model_version_by_alias(STUDY, "challenger")
     assert version.tags["hpo.study"] == name and version.tags["hpo.trial_number"] == str(best.number)
     # MLflow 3: the version's source is the trial's logged model; its files live on S3.
-    assert version.source == best.user_attrs[engine.T_MODEL_URI]
+    assert version.source == best.user_attrs[TrialAttr.MODEL_URI]
     location = tracking.get_model_version_download_uri(STUDY, version.version)
     assert location.startswith(f"s3://{s3_server.bucket}/mlflow/"), location
     keys = s3_server.list_keys(location.removeprefix(f"s3://{s3_server.bucket}/"))
@@ -176,7 +179,7 @@ def test_storage_url_from_the_hpo_optuna_connection(
     form: str,
 ) -> None:
     """No HPO_STORAGE_URL: tasks find the storage in the Airflow Connection ``hpo_optuna`` at execute time."""
-    from hpo_airflow._settings import OPTUNA_CONN_ID, resolve_deployment
+    from hpo_airflow.settings import OPTUNA_CONN_ID, resolve_deployment
 
     url = create_database("hpo_conn")
     dbname = database_name(url)

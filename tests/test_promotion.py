@@ -14,12 +14,12 @@ import mlflow
 import pytest
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
-from hpo_core import promotion, registry, tracking
 from hpo_core.cli import main as hpo
 from hpo_core.deployment import Deployment
 from hpo_core.errors import PromotionError
 from hpo_core.examples.drifting import day_data
 from hpo_core.spec import StudySpec, validate_mapping
+from hpo_core.tracking import promotion, registry, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "promo_demo"
@@ -45,13 +45,13 @@ def promo_spec(objective: str = "hpo_core.examples.quadratic:objective", **promo
 @pytest.fixture
 def client(local_deployment: Deployment) -> Any:
     """The MLflow client of this test's registry (also the process-wide URIs, for ``models:/``)."""
-    return tracking.client(local_deployment)
+    return runs.client(local_deployment)
 
 
 @pytest.fixture
 def register(client: Any, local_deployment: Deployment) -> Callable[..., str]:
     """``register(day=1, value=0.9, fingerprint="data-a", model=None) -> version``: a real model version."""
-    experiment_id = tracking.ensure_experiment(client, "promo_demo", local_deployment.artifact_root)
+    experiment_id = runs.ensure_experiment(client, "promo_demo", local_deployment.artifact_root)
     counter = iter(range(1000))
 
     def _register(

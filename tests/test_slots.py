@@ -20,8 +20,11 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import TrialAttr
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.start import start_study
+from hpo_core.study.suggest import batch_slots, suggest_batch
 from tests.fixtures_core import ROOT, make_spec, run_slot_worker, study_mapping, use_dags_folder, write_study
 
 pytestmark = pytest.mark.slow
@@ -49,9 +52,9 @@ def _trials_by_mode(deployment: Deployment, study_name: str) -> dict[str, Frozen
     study = optuna.load_study(study_name=study_name, storage=deployment.storage_url)
     found: dict[str, FrozenTrial] = {}
     for trial in sorted(study.get_trials(), key=lambda t: t.number):
-        if engine.T_ROUND not in trial.user_attrs:
+        if TrialAttr.ROUND not in trial.user_attrs:
             continue
-        key = trial.params["mode"] + ("+" if engine.T_RETRY_OF in trial.user_attrs else "")
+        key = trial.params["mode"] + ("+" if TrialAttr.RETRY_OF in trial.user_attrs else "")
         assert key not in found, f"two trials for {key}"
         found[key] = trial
     return found
@@ -85,12 +88,12 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
     deployment = dataclasses.replace(local_deployment, storage_url=create_database("hpo_slots"))
     spec = make_spec(**{k: v for k, v in _slot_study(worker={"trials_per_task": 4}).items() if k != "name"})
     name = str(
-        engine.start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__slot")[
+        start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__slot")[
             "study_name"
         ]
     )
-    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=1)
-    (slot,) = engine.batch_slots(batch)  # four trials per task: one slot holds the whole batch
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=1)
+    (slot,) = batch_slots(batch)  # four trials per task: one slot holds the whole batch
     numbers = slot["trial_numbers"]
     assert slot["label"] == f"trials {numbers[0]}–{numbers[-1]}"
 
@@ -130,7 +133,7 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
     assert again["ok"].number == trials["ok"].number and again["ok"].state == TrialState.COMPLETE
     for mode in ("flaky", "hang_once", "kill_once"):
         replacement = again[f"{mode}+"]
-        assert replacement.user_attrs[engine.T_RETRY_OF] == trials[mode].number
+        assert replacement.user_attrs[TrialAttr.RETRY_OF] == trials[mode].number
         assert replacement.params == trials[mode].params
         assert replacement.state == TrialState.COMPLETE
     (ok_result,) = [r for r in results if r["trial_number"] == trials["ok"].number]
@@ -138,7 +141,7 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
     runs = _child_runs(deployment, name)
     assert len(runs[trials["ok"].number]) == 1  # the good trial ran once
     study = optuna.load_study(study_name=name, storage=deployment.storage_url)
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (4, 4, 0, 0)
 
 
@@ -168,7 +171,7 @@ def test_dag_run_of_slots_retries_only_the_failed_trials(
     assert sorted(trials) == sorted([*MODES, "flaky+", "hang_once+", "kill_once+"])
     assert all(trials[f"{m}+"].state == TrialState.COMPLETE for m in ("flaky", "hang_once", "kill_once"))
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (4, 4, 0, 0)
     with create_session() as session:
         tis = (

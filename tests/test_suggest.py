@@ -8,16 +8,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudySpecError
+from hpo_core.keys import TrialAttr
 from hpo_core.space import check_params
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.suggest import suggest_batch
 from tests.fixtures_core import make_spec
 
 
 def _suggest(deployment: Deployment, name: str, round_number: int) -> tuple[list[dict], str | None]:
-    return engine.suggest_batch(
-        storage_url=deployment.storage_url, study_name=name, round_number=round_number
+    return suggest_batch(
+        deployment=deployment, study_name=name, round_number=round_number
     )
 
 
@@ -97,9 +99,9 @@ def test_small_discrete_space_is_exhausted_without_duplicates(
     configs = {(b["params"]["x"], b["params"]["optimizer"]) for b in batch}
     assert len(batch) == 4 and len(configs) == 4  # all four points, none twice
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    discarded = [t for t in study.trials if t.user_attrs.get(engine.T_DISCARDED)]
+    discarded = [t for t in study.trials if t.user_attrs.get(TrialAttr.DISCARDED)]
     assert all(t.state == TrialState.FAIL for t in discarded)
-    counts = engine.count_trials(study)
+    counts = count_trials(study)
     assert counts.counted == 4 and counts.failed == 0  # discarded draws never count
 
 

@@ -19,9 +19,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine, registry, warmstart
 from hpo_core.deployment import Deployment
+from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.spec import StudySpec, validate_mapping
+from hpo_core.study.config import study_name_for
+from hpo_core.study.finalize import finalize_study
+from hpo_core.study.observe import observe_round
+from hpo_core.study.start import start_study
+from hpo_core.study.suggest import suggest_batch
+from hpo_core.tracking import registry
 from hpo_core.worker import run_trial
 
 SPACE: dict[str, Any] = {
@@ -60,25 +66,25 @@ def drifting_spec(**changes: Any) -> StudySpec:
 def _start(
     deployment: Deployment, spec: StudySpec, run_id: str, logical_date: dt.datetime | None
 ) -> dict[str, Any]:
-    return engine.start_study(
+    return start_study(
         spec,
         deployment=deployment,
         dag_id=spec.dag_id,
         run_id=run_id,
-        study_name=engine.study_name_for(spec, run_id, logical_date=logical_date),
+        study_name=study_name_for(spec, run_id, logical_date=logical_date),
     )
 
 
 def _run_round(deployment: Deployment, study_name: str, round_number: int) -> list[dict[str, Any]]:
     """Suggest a round, evaluate its trials with the real worker code (in-process), observe it."""
-    batch, reason = engine.suggest_batch(
-        storage_url=deployment.storage_url, study_name=study_name, round_number=round_number
+    batch, reason = suggest_batch(
+        deployment=deployment, study_name=study_name, round_number=round_number
     )
     assert batch, reason
     for entry in batch:
         outcome = run_trial(deployment=deployment, study_name=study_name, trial_number=entry["trial_number"])
         assert outcome.state == "COMPLETE", outcome.reason
-    engine.observe_round(deployment=deployment, study_name=study_name, round_number=round_number)
+    observe_round(deployment=deployment, study_name=study_name, round_number=round_number)
     return batch
 
 
@@ -110,7 +116,7 @@ def first_study(
         for params in FIRST_CONFIGS:
             study.enqueue_trial(params)
         _run_round(deployment, name, 1)
-        result = engine.finalize_study(deployment=deployment, study_name=name)
+        result = finalize_study(deployment=deployment, study_name=name)
         assert result["promotion"]["promoted"] is True
     yield home, name
 
@@ -154,7 +160,7 @@ def test_champion_and_previous_top_k_are_the_first_trials_of_the_next_study(
     assert [b["params"] for b in batch] == enqueued
     study = optuna.load_study(study_name=name, storage=deployment.storage_url)
     by_number = {t.number: t for t in study.trials}
-    assert [by_number[b["trial_number"]].user_attrs[warmstart.T_WARM_START] for b in batch] == sources
+    assert [by_number[b["trial_number"]].user_attrs[TrialAttr.WARM_START] for b in batch] == sources
 
 
 def registry_version(deployment: Deployment, alias: str) -> Any:
@@ -207,7 +213,7 @@ def test_changed_search_space_skips_invalid_configurations_and_says_so(
         assert "no longer valid in the search space" in note and s["reason"] in note
     # The skipped ones are recorded on the study too, and nothing invalid waits in the queue.
     study = optuna.load_study(study_name=started["study_name"], storage=deployment.storage_url)
-    assert study.user_attrs[warmstart.ATTR_WARM_START] == warm
+    assert study.user_attrs[StudyAttr.WARM_START] == warm
     assert [t.system_attrs["fixed_params"] for t in _waiting(deployment, started["study_name"])] == valid
 
 
@@ -231,7 +237,7 @@ def test_continue_mode_adds_each_run_to_one_long_lived_study(deployment: Deploym
         names.append(started["study_name"])
         batch = _run_round(deployment, started["study_name"], 1)
         assert len(batch) == 2  # the budget counts this run's trials only
-        results.append(engine.finalize_study(deployment=deployment, study_name=started["study_name"]))
+        results.append(finalize_study(deployment=deployment, study_name=started["study_name"]))
     assert names == ["drifting.continuous", "drifting.continuous"]
     study = optuna.load_study(study_name="drifting.continuous", storage=deployment.storage_url)
     runs = [t.user_attrs["hpo.run_id"] for t in study.trials]
@@ -245,10 +251,10 @@ def test_continue_mode_adds_each_run_to_one_long_lived_study(deployment: Deploym
 
 def test_study_names_come_from_the_logical_date_or_the_run_id() -> None:
     spec = drifting_spec()
-    name_for = engine.study_name_for
+    name_for = study_name_for
     assert name_for(spec, "scheduled__x", logical_date=DAY_2) == "drifting.2025-01-02T030000Z"
     tokyo = dt.timezone(dt.timedelta(hours=9))
     assert name_for(spec, "r", logical_date=DAY_2.astimezone(tokyo)) == "drifting.2025-01-02T030000Z"
     assert name_for(spec, "manual__2025-01-05", logical_date=None) == "drifting.manual__2025-01-05"
     continuous = drifting_spec(warm_start={"mode": "continue"})
-    assert engine.study_name_for(continuous, "any", logical_date=DAY_2) == "drifting.continuous"
+    assert study_name_for(continuous, "any", logical_date=DAY_2) == "drifting.continuous"

@@ -11,8 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.study.accounting import count_trials
+from hpo_core.study.suggest import suggest_batch
 from tests.fixtures_core import run_worker
 
 X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
@@ -20,7 +22,7 @@ X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
 
 def _one_trial(deployment: Deployment, start: Callable[..., str], **changes: Any) -> tuple[str, int]:
     name = start(**changes)
-    batch, _ = engine.suggest_batch(storage_url=deployment.storage_url, study_name=name, round_number=1)
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=1)
     return name, batch[0]["trial_number"]
 
 
@@ -47,11 +49,11 @@ def test_worker_completes_a_trial_and_logs_a_child_run(
     trial = _trial(local_deployment, name, n)
     assert trial.state == TrialState.COMPLETE
     assert trial.value == pytest.approx(result["values"][0])
-    assert trial.user_attrs[engine.T_MODEL_URI].startswith("models:/")
+    assert trial.user_attrs[TrialAttr.MODEL_URI].startswith("models:/")
     assert sorted(trial.intermediate_values) == [0, 1, 2]
     (run,) = _child_runs(local_deployment, name)
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    assert run.data.tags["mlflow.parentRunId"] == study.user_attrs[engine.ATTR_PARENT_RUN]
+    assert run.data.tags["mlflow.parentRunId"] == study.user_attrs[StudyAttr.PARENT_RUN]
     assert run.data.tags["hpo.trial_number"] == str(n)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["loss"] == pytest.approx(trial.value)
@@ -105,7 +107,7 @@ def test_bad_objective_fails_the_trial_with_its_reason(
     assert run.data.tags["hpo.error"].startswith(reason)
     # The round goes on: the other trials of the batch are untouched and still evaluable.
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    others = [t for t in study.trials if t.number != n and engine.T_ROUND in t.user_attrs]
+    others = [t for t in study.trials if t.number != n and TrialAttr.ROUND in t.user_attrs]
     assert others and all(t.state == TrialState.RUNNING for t in others)
 
 
@@ -141,9 +143,9 @@ def test_retry_of_a_failed_trial_creates_a_replacement_with_the_same_params(
     second = next(t for t in study.trials if t.number == result["trial_number"])
     assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
     assert second.params == first.params
-    assert second.user_attrs[engine.T_RETRY_OF] == n
-    assert second.user_attrs[engine.T_ROUND] == first.user_attrs[engine.T_ROUND]
-    counts = engine.count_trials(study)
+    assert second.user_attrs[TrialAttr.RETRY_OF] == n
+    assert second.user_attrs[TrialAttr.ROUND] == first.user_attrs[TrialAttr.ROUND]
+    counts = count_trials(study)
     assert counts.failed == 0  # the replaced trial does not count, its replacement does
     assert counts.counted == 3  # the batch of 3, not 4
     # A third attempt finds the finished replacement and does nothing.
@@ -195,7 +197,7 @@ def test_in_process_slot_logs_to_the_study_experiment_whatever_the_caller_set(
     from hpo_core.worker import run_slot
 
     name = start_toy_study()
-    batch, _ = engine.suggest_batch(storage_url=local_deployment.storage_url, study_name=name, round_number=1)
+    batch, _ = suggest_batch(deployment=local_deployment, study_name=name, round_number=1)
     mlflow.set_tracking_uri(local_deployment.tracking_uri)
     mlflow.set_experiment("somebody_elses_experiment")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "somebody_elses_experiment")
@@ -208,11 +210,11 @@ def test_in_process_slot_logs_to_the_study_experiment_whatever_the_caller_set(
     )
     assert [o.state for o in outcomes] == ["COMPLETE"] * len(batch), "\n".join(lines)
     study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    experiment = study.user_attrs[engine.ATTR_EXPERIMENT]
+    experiment = study.user_attrs[StudyAttr.EXPERIMENT]
     runs = _child_runs(local_deployment, name)
     assert len(runs) == len(batch) and {r.info.experiment_id for r in runs} == {experiment}
     model_uri = next(t for t in study.get_trials() if t.number == batch[0]["trial_number"]).user_attrs[
-        engine.T_MODEL_URI
+        TrialAttr.MODEL_URI
     ]
     assert (
         mlflow.MlflowClient().get_logged_model(model_uri.removeprefix("models:/")).experiment_id == experiment

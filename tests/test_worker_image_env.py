@@ -16,8 +16,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_core import engine
 from hpo_core.deployment import Deployment
+from hpo_core.keys import TrialAttr
+from hpo_core.study.start import start_study
+from hpo_core.study.suggest import suggest_batch
 from tests.services import MLflowServer, MotoS3Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,9 +87,9 @@ def test_worker_venv_runs_a_trial_of_the_example(
 
     spec = load_spec(ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml")
     spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 1, "batch_size": 1})})
-    started = engine.start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__image_env")
-    batch, _ = engine.suggest_batch(
-        storage_url=deployment.storage_url, study_name=started["study_name"], round_number=1
+    started = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__image_env")
+    batch, _ = suggest_batch(
+        deployment=deployment, study_name=started["study_name"], round_number=1
     )
 
     app = tmp_path / "app"  # what the image holds: /app/hpo_core and nothing else of the repo
@@ -113,5 +115,5 @@ def test_worker_venv_runs_a_trial_of_the_example(
     (trial,) = [t for t in study.trials if t.number == batch[0]["trial_number"]]
     assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
     if trial.state == TrialState.COMPLETE:
-        assert trial.user_attrs[engine.T_MODEL_URI].startswith("models:/")
+        assert trial.user_attrs[TrialAttr.MODEL_URI].startswith("models:/")
         assert any(key.endswith("MLmodel") for key in s3_server.list_keys("mlflow/"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.model_selection import StratifiedKFold
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from hpo_core.objective import TrialContext
 
@@ -68,25 +70,18 @@ def objective(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
 
 def model_requirements() -> list[str]:
     """What loading the logged model needs, pinned to the versions that trained it."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("scikit-learn", "skops", "numpy", "scipy")]
 
 
 def _fold_score(
     model: HistGradientBoostingClassifier, x: np.ndarray, y: np.ndarray, train: Any, test: Any
 ) -> float:
-    from sklearn.metrics import roc_auc_score
-
     model.fit(x[train], y[train])
     return float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
 
 
 def evaluate(model: Any, ctx: TrialContext) -> float:
     """Score a fitted model on the same held-out split (for fair champion comparisons)."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import train_test_split
-
     x, y = _data()
     _, x_test, _, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
     return float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))

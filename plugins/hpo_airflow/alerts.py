@@ -15,8 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from airflow.sdk import BaseHook
 from airflow.sdk.definitions.callback import AsyncCallback
 from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+from airflow.sdk.log import mask_secret
 
 from hpo_core.errors import HpoError
 from hpo_core.spec import StudySpec
@@ -137,8 +139,6 @@ async def _webhook_url(*, url_env: str | None, conn_id: str | None) -> str:
         return _masked(url)
     if not conn_id:
         raise AlertDeliveryError("deadline webhook: neither url_env nor conn_id given")
-    from airflow.sdk import BaseHook
-
     try:
         conn = await BaseHook.aget_connection(conn_id)
     except Exception as e:  # not found, or the API unreachable: say which, hide the rest
@@ -163,8 +163,6 @@ def connection_url(
 
 def _masked(url: str) -> str:
     """Give the URL to Airflow's secrets masker, so that no log shows it."""
-    from airflow.sdk.log import mask_secret
-
     mask_secret(url)
     return url
 

@@ -6,7 +6,7 @@ supervisor uses a bare ``os.fork`` on Linux). Whatever the scheduler has importe
 workers are forked is therefore already in memory in every task process, shared copy-on-write.
 
 This executor imports the heavy modules a study's tasks need (Optuna, SQLAlchemy, MLflow's client
-and SQL stores, :mod:`hpo_core.engine`, :mod:`hpo_core.worker`, :mod:`hpo_core.tracking`, the
+and SQL stores, :mod:`hpo_core.study`, :mod:`hpo_core.worker`, :mod:`hpo_core.tracking`, the
 task runner) once, in the scheduler, right before the LocalExecutor forks its workers, plus the
 modules named in ``HPO_PREIMPORT`` (comma separated, e.g. ``hpo_core.examples.breast_cancer`` for
 an objective module and its scikit-learn imports). A module that cannot be imported is logged and
@@ -51,11 +51,13 @@ DEFAULT_PREIMPORTS: tuple[str, ...] = (
     "mlflow.pyfunc",
     "mlflow.sklearn",
     "skops.io",
-    "hpo_core.engine",
+    "hpo_core.study.start",
+    "hpo_core.study.suggest",
+    "hpo_core.study.observe",
+    "hpo_core.study.finalize",
     "hpo_core.worker",
-    "hpo_core.tracking",
-    "hpo_core.registry",
-    "hpo_airflow._tasks",
+    "hpo_airflow.tasks",
+    "hpo_airflow.backends.local",
     # What a forked task process runs before it parses its DAG file.
     "airflow.sdk.execution_time.supervisor",
     "airflow.sdk.execution_time.task_runner",

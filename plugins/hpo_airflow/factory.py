@@ -12,12 +12,15 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, TaskGroup, task
+from airflow.sdk import DAG, CronTriggerTimetable, Param, TaskGroup, task
 from airflow.sdk import TriggerRule as TR
+from airflow.sdk.exceptions import AirflowTimetableInvalid
 
-from hpo_airflow import _tasks, alerts, kubernetes
+from hpo_airflow import alerts, tasks
+from hpo_airflow.backends import backend_for
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import StudySpec
+from hpo_core.study.config import run_bounds
 
 __all__ = ["build_study_dag", "study_params"]
 
@@ -26,19 +29,16 @@ START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 #: Retries of the control tasks (start, suggest, observe, finalize) and the delay between them.
 CONTROL_TASK_RETRIES = 1
 CONTROL_TASK_RETRY_DELAY = 5
-#: Names a mapped slot task after its trials. Rendered from the task's own argument, so the name
-#: is there before the task runs and stays when it is killed or times out; a slot of several
-#: trials adds how they went once it ends (`` · 3 done · best 0.993``).
-SLOT_LABEL_TEMPLATE = (
-    "{{ task.op_kwargs['slot']['label'] }}{{ " + _tasks.SLOT_STATUS_KEY + " | default('') }}"
-)
+#: Seconds Airflow waits beyond the worker's own trial timeouts before it kills a slot task.
+TIMEOUT_GRACE = 60
 
 
 def study_params(spec: StudySpec) -> dict[str, Param]:
-    """The trigger form: runtime overrides with JSON-schema bounds from the spec."""
-    limit = spec.budget.batch_size_limit
-    max_trials = spec.budget.max_rounds * limit
-    per_task_limit = spec.trials_per_task_limit
+    """The trigger form: runtime overrides with JSON-schema bounds (``run_bounds`` of the run config)."""
+    bounds = run_bounds(spec)
+    max_trials = bounds["n_trials"][1]
+    limit = bounds["batch_size"][1]
+    per_task_limit = bounds["trials_per_task"][1]
     return {
         "n_trials": Param(
             spec.budget.n_trials,
@@ -105,8 +105,16 @@ def _doc(spec: StudySpec, source: Path | None) -> str:
 
 
 def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
-    """Build the study's DAG. Pure: no database or network access."""
+    """Build the study's DAG. Pure: no database or network access.
+
+    Raises:
+        StudySpecError: the study asks for something only Airflow's side can refuse (a schedule
+            Airflow cannot parse, an unknown worker backend); the message names the file.
+    """
+    # Checked before the DAG exists: a DAG built in a ``with`` block is collected by Airflow even
+    # when the loader then refuses it.
     _check_schedule(spec, source)
+    backend = backend_for(spec, source=source)
     # start / suggest / observe / finalize are idempotent: one retry rides out a lost worker or a
     # dropped database connection. Trial tasks take their retries from the spec.
     default_args: dict[str, Any] = {
@@ -130,32 +138,27 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         doc_md=_doc(spec, source),
     ) as dag:
         # XComArgs stand in for the values the tasks receive at run time.
-        start: Any = task(task_id="start")(_tasks.start)(spec)
+        start: Any = task(task_id="start")(tasks.start)(spec, worker_image=backend.worker_image(spec))
         previous: Any = start
         for k in range(1, spec.budget.max_rounds + 1):
             with TaskGroup(group_id=f"round_{k}", tooltip=f"round {k}: suggest, evaluate, observe") as group:
-                batch = task(task_id="suggest")(_tasks.suggest)(start, k)
-                evaluated = _evaluate(spec, start, batch)
-                observed = task(task_id="observe", trigger_rule=TR.ALL_DONE)(_tasks.observe)(start, k)
+                batch = task(task_id="suggest")(tasks.suggest)(start, k)
+                evaluated = backend.map_slots(
+                    spec, common=_slot_task_settings(spec), start=start, batch=batch
+                )
+                observed = task(task_id="observe", trigger_rule=TR.ALL_DONE)(tasks.observe)(start, k)
                 evaluated >> observed
             previous >> group
             previous = group
-        finalize = task(task_id="finalize", trigger_rule=TR.ALL_DONE)(_tasks.finalize)(start)
+        finalize = task(task_id="finalize", trigger_rule=TR.ALL_DONE)(tasks.finalize)(start)
         previous >> finalize
     return dag
 
 
 def _check_schedule(spec: StudySpec, source: Path | None) -> None:
-    """A bad cron expression is this study's error, naming its file, not the whole DAG file's.
-
-    Checked before the DAG exists: a DAG built in a ``with`` block is collected by Airflow even
-    when the loader then refuses it.
-    """
+    """A bad cron expression is this study's error, naming its file, not the whole DAG file's."""
     if spec.schedule is None or spec.schedule in ("@once", "@continuous"):
         return
-    from airflow.sdk import CronTriggerTimetable
-    from airflow.sdk.exceptions import AirflowTimetableInvalid
-
     try:
         CronTriggerTimetable(spec.schedule, timezone="UTC").validate()
     except AirflowTimetableInvalid as e:
@@ -165,43 +168,23 @@ def _check_schedule(spec: StudySpec, source: Path | None) -> None:
         ) from e
 
 
-def _evaluate(spec: StudySpec, start: Any, batch: Any) -> Any:
-    """The round's mapped slot tasks, one per slot of ``suggest``'s batch, on the study's backend.
+def _slot_task_settings(spec: StudySpec) -> dict[str, Any]:
+    """Settings every backend's mapped slot task gets: retries, the timeout backstop, pool and concurrency.
 
     The Airflow ``execution_timeout`` is a backstop for the worker, which times out each trial
     itself: it covers the most trials a slot may hold (``trials_per_task``, overridable up to the
     largest batch) plus a grace period.
     """
-    trial_timeout = spec.trial.execution_timeout
-    per_task = spec.trials_per_task_limit
+    per_task = run_bounds(spec)["trials_per_task"][1]
     common: dict[str, Any] = {
         "task_id": "evaluate",
         "retries": spec.trial.retries,
         "retry_delay": dt.timedelta(seconds=spec.trial.retry_delay),
-        "execution_timeout": dt.timedelta(seconds=per_task * trial_timeout + _tasks.TIMEOUT_GRACE),
+        "execution_timeout": dt.timedelta(seconds=per_task * spec.trial.execution_timeout + TIMEOUT_GRACE),
     }
     if spec.worker.pool:
         common["pool"] = spec.worker.pool
     if spec.worker.max_active_trials:
         # A slot runs one trial at a time: trials at once = slot tasks at once, whatever k is.
         common["max_active_tis_per_dagrun"] = spec.worker.max_active_trials
-
-    if kubernetes.backend_for(spec) == "kubernetes":
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
-        label = f"{{{{ task.annotations['{kubernetes.SLOT_LABEL_ANNOTATION}'] }}}}"
-        return KubernetesPodOperator.partial(
-            **common, map_index_template=label, **kubernetes.trial_pod_settings(spec)
-        ).expand_kwargs(batch.map(kubernetes.slot_pod_overrides))
-
-    maximize = spec.all_directions[0] == "maximize"
-
-    def evaluate(slot: dict[str, Any], study: dict[str, Any]) -> list[dict[str, Any]]:
-        return _tasks.evaluate_local(slot, study, trial_timeout, maximize=maximize)
-
-    evaluate.__doc__ = "Evaluate one slot of the round's trials in a warm local worker."
-    return (
-        task(**common, map_index_template=SLOT_LABEL_TEMPLATE)(evaluate)
-        .partial(study=start)
-        .expand(slot=batch)
-    )
+    return common

@@ -11,9 +11,12 @@ import json
 import logging
 from typing import Any
 
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from hpo_airflow.factory import START_DATE
+from hpo_airflow.settings import resolve_deployment
+from hpo_core.errors import PromotionError
 
 __all__ = ["PROMOTION_DAG_ID", "ROLLBACK", "build_promotion_dag", "promote_or_rollback"]
 
@@ -60,11 +63,7 @@ def promotion_params() -> dict[str, Param]:
 
 def promote_or_rollback(model_name: str, version: str, reason: str, actor: str) -> dict[str, Any]:
     """Carry out the request against the registry; a refused request fails the task, changing nothing."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from hpo_airflow._settings import resolve_deployment
-    from hpo_core import promotion
-    from hpo_core.errors import PromotionError
+    from hpo_core.tracking import promotion
 
     deployment = resolve_deployment()
     try:
@@ -96,8 +95,6 @@ def build_promotion_dag() -> DAG:
         @task(task_id="promote")
         def promote() -> dict[str, Any]:
             """Promote or roll back as the trigger form asks, recording who and why."""
-            from airflow.sdk import get_current_context
-
             context = get_current_context()
             params = context["params"]
             dag_run = context["dag_run"]

@@ -1,17 +1,12 @@
-"""Open the Optuna RDB storage with engine options suited to many short-lived workers.
-
-Also: :class:`TrialClaim`, the exclusive claim a worker holds on the trial it evaluates.
-"""
+"""Open the Optuna RDB storage by URL, with engine options per database suited to many short workers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
-from types import TracebackType
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -20,7 +15,7 @@ import sqlalchemy
 from hpo_core.deployment import redact_url
 from hpo_core.errors import StorageConfigError
 
-__all__ = ["TrialClaim", "engine_kwargs", "flush", "open_storage", "upgrade_schema"]
+__all__ = ["engine_kwargs", "flush", "flushing", "open_storage", "upgrade_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +92,15 @@ def flush(url: str) -> None:
             connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
     except sqlalchemy.exc.SQLAlchemyError as e:  # the next checkpoint does it
         log.debug("checkpoint of %s skipped: %r", redact_url(url), e)
+
+
+@contextlib.contextmanager
+def flushing(url: str) -> Iterator[None]:
+    """Around a control task's work: fold a SQLite storage's write-ahead log into its file afterwards."""
+    try:
+        yield
+    finally:
+        flush(url)
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -195,122 +199,3 @@ def upgrade_schema(url: str) -> tuple[str | None, str]:
         return before, storage.get_current_version()
     finally:
         storage.engine.dispose()
-
-
-#: First key of the two-key PostgreSQL advisory locks that claim trials ("HPO1").
-CLAIM_LOCK_NAMESPACE = 0x48504F31
-_TRY_LOCK = sqlalchemy.text("SELECT pg_try_advisory_lock(:ns, :id)")
-_UNLOCK = sqlalchemy.text("SELECT pg_advisory_unlock(:ns, :id)")
-_claims_held: set[tuple[str, int]] = set()
-_claim_files: dict[str, int] = {}
-
-
-class TrialClaim:
-    """An exclusive claim on one trial, released by its holder or by the holder's death.
-
-    Only the holder evaluates the trial, so two workers started for the same trial at the same
-    moment never both run it. PostgreSQL: a session-level advisory lock
-    ``pg_try_advisory_lock(CLAIM_LOCK_NAMESPACE, trial_id)`` on a connection of its own; the
-    server drops it the moment the worker's process or connection goes away. SQLite (one
-    machine): a byte-range lock at offset ``trial_id`` of ``<database>.claims``, dropped by the
-    kernel when the process exits. Other databases: no claim (a warning says so).
-    """
-
-    def __init__(self, url: str, trial_id: int) -> None:
-        self.url = url
-        self.trial_id = trial_id
-        self._connection: Any = None
-        self._fd: int | None = None
-        self.held = False
-
-    def try_acquire(self) -> bool:
-        """Take the claim if nobody holds it; return whether this object holds it now."""
-        if self.held:
-            return True
-        key = (self.url, self.trial_id)
-        if key in _claims_held:  # another claim object of this process holds it
-            return False
-        if self.url.startswith("postgresql"):
-            got = self._try_advisory_lock()
-        elif self.url.startswith("sqlite"):
-            got = self._try_file_lock()
-        else:
-            log.warning("no trial claims on %s: twin workers are not excluded", self.url.split(":")[0])
-            got = True
-        if got:
-            self.held = True
-            _claims_held.add(key)
-        return got
-
-    def acquire(self, *, poll: float = 0.5, on_wait: Callable[[], None] | None = None) -> None:
-        """Wait until the claim is ours; ``on_wait`` is called once if somebody else holds it."""
-        while not self.try_acquire():
-            if on_wait is not None:
-                on_wait()
-                on_wait = None
-            time.sleep(poll)
-
-    def release(self) -> None:
-        """Give the claim up (idempotent; a connection that dropped meanwhile took it with it)."""
-        if not self.held:
-            return
-        self.held = False
-        _claims_held.discard((self.url, self.trial_id))
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            try:
-                connection.execute(_UNLOCK, {"ns": CLAIM_LOCK_NAMESPACE, "id": self.trial_id})
-            except sqlalchemy.exc.SQLAlchemyError as e:  # the lock went with the connection
-                log.warning("claim of trial id %d went with its connection: %r", self.trial_id, e)
-                connection.invalidate()
-            finally:
-                connection.close()
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self.trial_id)
-            self._fd = None
-
-    def __enter__(self) -> TrialClaim:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-    def _try_advisory_lock(self) -> bool:
-        # Autocommit: the lock outlives transactions, and the connection never sits idle in one.
-        connection = open_storage(self.url).engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            got = connection.execute(_TRY_LOCK, {"ns": CLAIM_LOCK_NAMESPACE, "id": self.trial_id}).scalar()
-        except BaseException:
-            connection.close()
-            raise
-        if not got:
-            connection.close()
-            return False
-        self._connection = connection
-        return True
-
-    def _try_file_lock(self) -> bool:
-        import fcntl
-
-        from sqlalchemy.engine import make_url
-
-        database = make_url(self.url).database
-        if not database or database == ":memory:":
-            return True  # one process owns an in-memory database
-        path = f"{database}.claims"
-        fd = _claim_files.get(path)
-        if fd is None:
-            # One descriptor per process, never closed: closing any descriptor of a file drops all
-            # of the process's POSIX locks on it.
-            fd = _claim_files[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.trial_id)
-        except OSError:
-            return False
-        self._fd = fd
-        return True

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
-from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from hpo_core.errors import RegistryError
+from hpo_core.keys import Tag
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "find_version", "register_trial_model"]
 
@@ -15,37 +23,40 @@ CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 
 
-def find_version(mlflow_client: Any, *, name: str, study: str, trial_number: str) -> Any | None:
+def find_version(
+    mlflow_client: MlflowClient, *, name: str, study: str, trial_number: str
+) -> ModelVersion | None:
     """The version of ``name`` already registered for this study's trial, if any."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        versions = mlflow_client.search_model_versions(f"name = '{_quote(name)}'")
+        versions = mlflow_client.search_model_versions(f"name = '{quote(name)}'")
     except MlflowException:
         return None
     for v in versions:
-        if v.tags.get("hpo.study") == study and v.tags.get("hpo.trial_number") == trial_number:
+        if v.tags.get(Tag.STUDY) == study and v.tags.get(Tag.TRIAL_NUMBER) == trial_number:
             return v
     return None
 
 
-def register_trial_model(mlflow_client: Any, *, name: str, model_uri: str, tags: Mapping[str, str]) -> str:
+def register_trial_model(
+    mlflow_client: MlflowClient, *, name: str, model_uri: str, tags: Mapping[str, str]
+) -> str:
     """Register ``model_uri`` as a new version of ``name`` (once) and alias it ``challenger``.
 
     Returns:
         The version number as a string.
+
+    Raises:
+        RegistryError: the registry refused the version or did not make it ready in time.
     """
     existing = find_version(
-        mlflow_client, name=name, study=tags["hpo.study"], trial_number=tags["hpo.trial_number"]
+        mlflow_client, name=name, study=tags[Tag.STUDY], trial_number=tags[Tag.TRIAL_NUMBER]
     )
     if existing is None:
-        import mlflow
-
         version = mlflow.register_model(model_uri, name, await_registration_for=0, tags=dict(tags))
         mlflow_client.update_model_version(
             name,
             str(version.version),
-            description=f"best trial {tags['hpo.trial_number']} of study {tags['hpo.study']}",
+            description=f"best trial {tags[Tag.TRIAL_NUMBER]} of study {tags[Tag.STUDY]}",
         )
         _wait_ready(mlflow_client, name, str(version.version))
         number = str(version.version)
@@ -57,19 +68,18 @@ def register_trial_model(mlflow_client: Any, *, name: str, model_uri: str, tags:
     return number
 
 
-def _wait_ready(mlflow_client: Any, name: str, version: str, timeout: float = 120.0) -> None:
-    import time
-
+def _wait_ready(mlflow_client: MlflowClient, name: str, version: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = mlflow_client.get_model_version(name, version).status
         if status == "READY":
             return
         if status == "FAILED_REGISTRATION":
-            raise RuntimeError(f"registration of {name} version {version} failed")
+            raise RegistryError(f"registration of {name} version {version} failed")
         time.sleep(0.5)
-    raise TimeoutError(f"{name} version {version} not ready after {timeout:.0f}s")
+    raise RegistryError(f"{name} version {version} not ready after {timeout:.0f}s")
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
+    """``value`` inside a single-quoted MLflow search filter."""
     return value.replace("'", "\\'")

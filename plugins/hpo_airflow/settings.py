@@ -1,13 +1,21 @@
-"""Deployment settings as Airflow sees them: environment first, then Airflow Connections."""
+"""What a task process sets up first: the deployment's locations (environment first, then Airflow
+Connections), and no needless import of Airflow's ORM models."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+from airflow.models import import_all_models
+from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.log import mask_secret
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper
+
 from hpo_core.deployment import ENV_STORAGE_URL, ENV_TRACKING_URI, Deployment
 
-__all__ = ["MLFLOW_CONN_ID", "OPTUNA_CONN_ID", "resolve_deployment"]
+__all__ = ["MLFLOW_CONN_ID", "OPTUNA_CONN_ID", "resolve_deployment", "skip_airflow_model_import"]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +46,6 @@ def resolve_deployment() -> Deployment:
 
 
 def _connection_uri(conn_id: str) -> str | None:
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
     try:
         conn = BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
@@ -57,11 +62,26 @@ def _sqlalchemy_url(url: str) -> str:
 
 def _mask(deployment: Deployment) -> None:
     """Register the URLs with Airflow's secrets masker so they never show in task logs."""
-    from airflow.sdk.log import mask_secret
-
     for value in (deployment.storage_url, deployment.tracking_uri):
         if "@" in value:
             mask_secret(value)
     for key in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         if os.environ.get(key):
             mask_secret(os.environ[key])
+
+
+def skip_airflow_model_import() -> None:
+    """Disarm Airflow's hook that imports all of its ORM models at the first SQLAlchemy mapper setup.
+
+    Airflow installs it (``airflow.utils.orm_event_handlers``) for processes that use its metadata
+    database. A task process does not (Airflow 3 tasks talk to the API server), but the Optuna
+    storage and MLflow's SQL stores are SQLAlchemy ORMs too: the first query of a fresh task process
+    would spend about a second importing some hundred Airflow models it never uses. Where Airflow's
+    models are already set up (a scheduler-forked task process, ``dag.test()``), the hook has
+    run and removing it changes nothing.
+    """
+    try:
+        if event.contains(Mapper, "before_configured", import_all_models):
+            event.remove(Mapper, "before_configured", import_all_models)
+    except Exception as e:  # an optimisation only
+        log.debug("Airflow's model import hook stays: %r", e)

@@ -10,20 +10,27 @@ replaces keeps the alias ``previous_champion``, which is what a rollback returns
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import logging
 import math
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import mlflow.models
+import mlflow.pyfunc
+import mlflow.sklearn
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from hpo_core.deployment import Deployment
 from hpo_core.errors import ObjectiveError, PromotionError
-from hpo_core.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION
+from hpo_core.keys import Tag
+from hpo_core.space import import_callable
 from hpo_core.spec import StudySpec
+from hpo_core.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, quote
+from hpo_core.tracking.runs import client
 
 __all__ = [
     "COMPARISON_NONE",
@@ -33,7 +40,6 @@ __all__ = [
     "COMPARISON_STORED",
     "EvaluationContext",
     "PromotionDecision",
-    "add_cli_commands",
     "apply_rule",
     "decide",
     "promote",
@@ -53,11 +59,10 @@ COMPARISON_RESCORING_FAILED = "re-scoring failed"
 #: No comparison was needed (rule ``never`` / ``always``, no champion yet, already champion).
 COMPARISON_NONE = "none"
 
-# Tags of the automatic decision, written by finalize on the challenger version.
-TAG_DECISION = "hpo.decision"
-TAG_DECISION_PREFIX = "hpo.decision."
-# Tags of a person's action (promote, rollback), on the version acted upon.
-TAG_MANUAL_PREFIX = "hpo.manual."
+# Tags of the automatic decision (on the challenger) and of a person's action (on the version acted upon).
+TAG_DECISION = Tag.DECISION
+TAG_DECISION_PREFIX = Tag.DECISION_PREFIX
+TAG_MANUAL_PREFIX = Tag.MANUAL_PREFIX
 
 _EVALUATE_HOOK = "evaluate"
 
@@ -121,7 +126,7 @@ class EvaluationContext:
 # --- the rule, after a study ---------------------------------------------------------------
 
 
-def decide(mlflow_client: Any, spec: StudySpec, *, version: str, seed: int = 0) -> PromotionDecision:
+def decide(mlflow_client: MlflowClient, spec: StudySpec, *, version: str, seed: int = 0) -> PromotionDecision:
     """Decide, by the spec's promotion rule, whether ``version`` should become the champion.
 
     Changes nothing in the registry. ``if_better`` re-scores both models with the objective's
@@ -168,7 +173,9 @@ def decide(mlflow_client: Any, spec: StudySpec, *, version: str, seed: int = 0) 
     return _compare_stored(mlflow_client, spec, version=version, champion=champion, decision=decision)
 
 
-def apply_rule(mlflow_client: Any, spec: StudySpec, *, version: str, seed: int = 0) -> PromotionDecision:
+def apply_rule(
+    mlflow_client: MlflowClient, spec: StudySpec, *, version: str, seed: int = 0
+) -> PromotionDecision:
     """Decide for the new ``version`` (see :func:`decide`), move the aliases, record the decision.
 
     Idempotent: a version that already carries a decision keeps it (finalize may run twice).
@@ -234,7 +241,7 @@ def _compare_rescored(
 
 
 def _compare_stored(
-    mlflow_client: Any, spec: StudySpec, *, version: str, champion: Any, decision: Any
+    mlflow_client: MlflowClient, spec: StudySpec, *, version: str, champion: Any, decision: Any
 ) -> PromotionDecision:
     name = _model_name(spec)
     challenger = mlflow_client.get_model_version(name, version)
@@ -305,10 +312,8 @@ def promote(
         PromotionError: the model or version does not exist or is not ready, or ``reason`` is
             empty; nothing is changed then.
     """
-    from hpo_core import tracking
-
     _require(actor, reason)
-    mlflow_client = tracking.client(deployment)
+    mlflow_client = client(deployment)
     number = _existing_version(mlflow_client, name, str(version))
     champion = _alias_version(mlflow_client, name, CHAMPION)
     if champion is not None and str(champion.version) == number:
@@ -348,10 +353,8 @@ def rollback(name: str, *, actor: str, reason: str, deployment: Deployment) -> P
         PromotionError: the model has no ``previous_champion`` (nothing to roll back to), or
             ``reason`` is empty; nothing is changed then.
     """
-    from hpo_core import tracking
-
     _require(actor, reason)
-    mlflow_client = tracking.client(deployment)
+    mlflow_client = client(deployment)
     _existing_model(mlflow_client, name)
     previous = _alias_version(mlflow_client, name, PREVIOUS_CHAMPION)
     if previous is None:
@@ -403,27 +406,21 @@ def _model_name(spec: StudySpec) -> str:
     return spec.mlflow.registered_model
 
 
-def _alias_version(mlflow_client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
+def _alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
 
-def _existing_model(mlflow_client: Any, name: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
+def _existing_model(mlflow_client: MlflowClient, name: str) -> Any:
     try:
         return mlflow_client.get_registered_model(name)
     except MlflowException as e:
         raise PromotionError(f"registered model {name!r} does not exist; check the name") from e
 
 
-def _existing_version(mlflow_client: Any, name: str, version: str) -> str:
-    from mlflow.exceptions import MlflowException
-
+def _existing_version(mlflow_client: MlflowClient, name: str, version: str) -> str:
     _existing_model(mlflow_client, name)
     if not version.isdigit():
         raise PromotionError(f"model {name!r}: version must be a number, got {version!r}")
@@ -431,7 +428,7 @@ def _existing_version(mlflow_client: Any, name: str, version: str) -> str:
         found = mlflow_client.get_model_version(name, version)
     except MlflowException as e:
         versions = sorted(
-            (int(v.version) for v in mlflow_client.search_model_versions(f"name = '{_quote(name)}'")),
+            (int(v.version) for v in mlflow_client.search_model_versions(f"name = '{quote(name)}'")),
         )
         raise PromotionError(
             f"model {name!r} has no version {version} (versions: {versions or 'none'}); nothing changed"
@@ -443,7 +440,9 @@ def _existing_version(mlflow_client: Any, name: str, version: str) -> str:
     return str(found.version)
 
 
-def _make_champion(mlflow_client: Any, name: str, version: str, *, actor: str, reason: str) -> str | None:
+def _make_champion(
+    mlflow_client: MlflowClient, name: str, version: str, *, actor: str, reason: str
+) -> str | None:
     """Point ``champion`` at ``version``; the replaced one gets ``previous_champion``. Returns it."""
     current = _alias_version(mlflow_client, name, CHAMPION)
     replaced = None if current is None else str(current.version)
@@ -456,7 +455,7 @@ def _make_champion(mlflow_client: Any, name: str, version: str, *, actor: str, r
     return replaced
 
 
-def _record_decision(mlflow_client: Any, result: PromotionDecision) -> None:
+def _record_decision(mlflow_client: MlflowClient, result: PromotionDecision) -> None:
     tags = {
         f"{TAG_DECISION_PREFIX}rule": result.rule,
         f"{TAG_DECISION_PREFIX}comparison": result.comparison,
@@ -481,7 +480,7 @@ def _record_decision(mlflow_client: Any, result: PromotionDecision) -> None:
     )
 
 
-def _recorded_decision(mlflow_client: Any, name: str, version: str) -> PromotionDecision | None:
+def _recorded_decision(mlflow_client: MlflowClient, name: str, version: str) -> PromotionDecision | None:
     tags = mlflow_client.get_model_version(name, version).tags or {}
     if TAG_DECISION not in tags:
         return None
@@ -501,7 +500,7 @@ def _recorded_decision(mlflow_client: Any, name: str, version: str) -> Promotion
 
 
 def _record_manual(
-    mlflow_client: Any, name: str, version: str, *, action: str, actor: str, reason: str
+    mlflow_client: MlflowClient, name: str, version: str, *, action: str, actor: str, reason: str
 ) -> None:
     at = _now()
     for key, value in {"action": action, "actor": actor, "reason": reason, "at": at}.items():
@@ -509,17 +508,15 @@ def _record_manual(
     _append_description(mlflow_client, name, version, f"{action} by {actor}: {reason}")
 
 
-def _append_description(mlflow_client: Any, name: str, version: str, line: str) -> None:
+def _append_description(mlflow_client: MlflowClient, name: str, version: str, line: str) -> None:
     current = mlflow_client.get_model_version(name, version).description or ""
     entry = f"[{_now()}] {line}"
     text = f"{current}\n\n{entry}" if current else entry
     mlflow_client.update_model_version(name, version, description=text[-20000:])
 
 
-def _evaluate_hook(spec: StudySpec) -> Any | None:
+def _evaluate_hook(spec: StudySpec) -> Callable[..., Any] | None:
     """The objective module's ``evaluate(model, ctx)``, if it defines one."""
-    from hpo_core.space import import_callable
-
     module, _, _ = spec.objective.partition(":")
     try:
         return import_callable(f"{module}:{_EVALUATE_HOOK}")
@@ -529,15 +526,9 @@ def _evaluate_hook(spec: StudySpec) -> Any | None:
 
 def _load_model(uri: str) -> Any:
     """The model in its own flavour when it is scikit-learn (so ``predict_proba`` works), else pyfunc."""
-    import mlflow.models
-
     flavors = mlflow.models.get_model_info(uri).flavors
     if "sklearn" in flavors:
-        import mlflow.sklearn
-
         return mlflow.sklearn.load_model(uri)
-    import mlflow.pyfunc
-
     return mlflow.pyfunc.load_model(uri)
 
 
@@ -573,58 +564,3 @@ def _text(value: float | None) -> str:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-def add_cli_commands(sub: Any) -> None:
-    """Add ``hpo promote`` and ``hpo rollback`` to the ``hpo`` command's subparsers."""
-    p = sub.add_parser("promote", help="make a model version the champion (the old one stays for rollback)")
-    p.add_argument("model", help="registered model name")
-    p.add_argument("version", help="version number to promote")
-    _actor_reason(p)
-    p.set_defaults(func=_cmd_promote)
-    r = sub.add_parser("rollback", help="give champion back to the previous_champion version")
-    r.add_argument("model", help="registered model name")
-    _actor_reason(r)
-    r.set_defaults(func=_cmd_rollback)
-
-
-def _actor_reason(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reason", required=True, help="why (recorded on the model version)")
-    parser.add_argument("--actor", default=os.environ.get("USER") or "unknown", help="who (default: $USER)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _cmd_promote(args: argparse.Namespace) -> int:
-    result = promote(
-        args.model, args.version, actor=args.actor, reason=args.reason, deployment=Deployment.from_env()
-    )
-    _print(result, args.json)
-    return 0
-
-
-def _cmd_rollback(args: argparse.Namespace) -> int:
-    result = rollback(args.model, actor=args.actor, reason=args.reason, deployment=Deployment.from_env())
-    _print(result, args.json)
-    return 0
-
-
-def _print(result: PromotionDecision, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return
-    if not result.promoted:
-        print(result.reason)
-    elif result.rule == "rollback":
-        was = result.champion_version
-        print(f"{result.model_name}: {CHAMPION} is version {result.version} again (was {was})")
-    else:
-        previous = result.previous_champion
-        kept = f"; version {previous} is {PREVIOUS_CHAMPION}" if previous else ""
-        print(f"{result.model_name}: {CHAMPION} is version {result.version}{kept}")

@@ -21,13 +21,13 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "SLOT_LABEL_ANNOTATION",
     "WORKER_COMMAND",
-    "backend_for",
+    "map_slots",
     "slot_pod_overrides",
     "trial_pod_settings",
+    "worker_image",
 ]
 
 #: Environment overrides of the deployment (read at parse time; they hold no secret).
-ENV_BACKEND = "HPO_WORKER_BACKEND"
 ENV_IMAGE = "HPO_WORKER_IMAGE"
 ENV_NAMESPACE = "HPO_K8S_NAMESPACE"
 ENV_CONN_ID = "HPO_K8S_CONN_ID"
@@ -45,13 +45,20 @@ POD_DEADLINE_GRACE = 120
 WORKER_UID = 10001
 
 
-def backend_for(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
-    """The worker backend: ``$HPO_WORKER_BACKEND`` overrides the spec's ``worker.backend``."""
+def worker_image(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
+    """The image the study's trial pods run (recorded with the study for the model's lineage)."""
     env = os.environ if env is None else env
-    chosen = env.get(ENV_BACKEND) or spec.worker.backend
-    if chosen not in ("local", "kubernetes"):
-        raise ValueError(f"{ENV_BACKEND}={chosen!r}: allowed values are 'local' and 'kubernetes'")
-    return chosen
+    return spec.worker.image or env.get(ENV_IMAGE) or DEFAULT_IMAGE
+
+
+def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:
+    """One mapped KubernetesPodOperator task (one pod) per slot of ``suggest``'s ``batch``."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    label = f"{{{{ task.annotations['{SLOT_LABEL_ANNOTATION}'] }}}}"
+    return KubernetesPodOperator.partial(
+        **common, map_index_template=label, **trial_pod_settings(spec)
+    ).expand_kwargs(batch.map(slot_pod_overrides))
 
 
 def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
     settings: dict[str, Any] = {
         "name": f"hpo-{spec.name}".replace("_", "-").lower()[:50],
         "namespace": worker.namespace or env.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
-        "image": worker.image or env.get(ENV_IMAGE) or DEFAULT_IMAGE,
+        "image": worker_image(spec, env),
         "image_pull_policy": worker.image_pull_policy,
         "cmds": list(WORKER_COMMAND),
         "env_vars": [

@@ -1,0 +1,70 @@
+"""Samplers by name: the registry the spec validates ``sampler.type`` against, and the builder.
+
+Each entry names the module that builds the sampler and what the sampler can do; the spec checks a
+study against those capabilities (several objectives, a finite grid) when it is loaded, before any
+Optuna import. Adding a sampler is one module with a ``build`` function (see :mod:`.builtin`) and
+one entry in :data:`SAMPLERS`.
+
+This module stays light (no Optuna import): study files are validated where Optuna is not loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo_core.spec import StudySpec
+
+__all__ = ["SAMPLERS", "SAMPLER_OPTION_KEYS", "SamplerInfo", "build_sampler"]
+
+#: Sampler options a trigger may override (the Params form); the rest is fixed by the spec.
+SAMPLER_OPTION_KEYS = ("multivariate", "constant_liar", "n_startup_trials", "population_size")
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """Where a sampler is built and what it can do."""
+
+    #: Module with ``build(spec, cfg, *, seed, round_seed) -> optuna.samplers.BaseSampler``.
+    module: str
+    #: Whether it optimises one objective, several, or both.
+    single_objective: bool = True
+    multi_objective: bool = True
+    #: Whether it needs a declared space with a finite grid (every float parameter has a ``step``).
+    finite_space: bool = False
+
+
+#: Every sampler a study file may name, in the order error messages list them.
+SAMPLERS: dict[str, SamplerInfo] = {
+    "tpe": SamplerInfo("hpo_core.samplers.builtin"),
+    "random": SamplerInfo("hpo_core.samplers.builtin"),
+    "grid": SamplerInfo("hpo_core.samplers.builtin", finite_space=True),
+    "cmaes": SamplerInfo("hpo_core.samplers.builtin", multi_objective=False),
+    "gp": SamplerInfo("hpo_core.samplers.builtin"),
+    "qmc": SamplerInfo("hpo_core.samplers.builtin"),
+    "nsga2": SamplerInfo("hpo_core.samplers.builtin", single_objective=False),
+}
+
+
+def build_sampler(
+    spec: StudySpec,
+    *,
+    seed: int | None,
+    options: dict[str, Any] | None = None,
+    round_number: int = 0,
+) -> optuna.samplers.BaseSampler:
+    """Return the study's sampler, with the trigger's ``options`` applied to the spec's.
+
+    Every task builds a fresh sampler, so the seed is mixed with the round number: the same
+    seed in each round would replay the same random draws (samplers that keep their position in
+    the study, like QMC and grid, get the plain seed).
+    """
+    cfg = spec.sampler.model_copy(update=dict(options or {}))
+    round_seed = None if seed is None else seed * 1_000 + round_number
+    module = importlib.import_module(SAMPLERS[cfg.type].module)
+    sampler: optuna.samplers.BaseSampler = module.build(spec, cfg, seed=seed, round_seed=round_seed)
+    return sampler
