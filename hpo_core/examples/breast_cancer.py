@@ -7,6 +7,7 @@ from importlib.metadata import version
 from typing import Any
 
 import numpy as np
+import optuna
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
@@ -53,8 +54,6 @@ def objective(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
         scores.append(_fold_score(model, x, y, train, test))
         ctx.report(float(np.mean(scores)), step)
         if ctx.should_prune():
-            import optuna
-
             raise optuna.TrialPruned(f"mean AUC {np.mean(scores):.4f} after fold {step + 1}")
     final = build_model(params, ctx.seed).fit(x, y)
     # MLflow stores scikit-learn models with skops, which loads only types declared trusted. The

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 from airflow.sdk import BaseHook
 from airflow.sdk.definitions.callback import AsyncCallback
 from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
@@ -114,8 +115,6 @@ async def notify_webhook(
     Raises:
         AlertDeliveryError: no URL configured, the webhook unreachable or answering with an error.
     """
-    import httpx
-
     target = f"environment variable {url_env}" if url_env else f"connection {conn_id!r}"
     url = await _webhook_url(url_env=url_env, conn_id=conn_id)
     message = deadline_message(study=study, deadline_seconds=deadline_seconds, context=context)

@@ -9,11 +9,13 @@ through a Kubernetes Secret (``envFrom``); the arguments carry identifiers only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
 
 __all__ = [
@@ -137,15 +139,11 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
 def slot_pod_overrides(slot: Mapping[str, Any]) -> dict[str, Any]:
     """What differs per slot pod: the worker arguments, its deadline, labels/annotations naming it.
 
-    Pure and self-contained (Airflow stores its source to map ``suggest``'s output): it reads only
-    the slot entry. One pod evaluates the slot's trials in sequence, each under the trial timeout of
+    Pure: it reads only the slot entry. One pod evaluates the slot's trials in sequence, each under the trial timeout of
     the stored spec, so ``activeDeadlineSeconds`` is that timeout times the trials, plus a grace.
     The DAG run and the attempt are templates rendered at run time. KubernetesPodOperator adds the
     dag_id / task_id / run_id / map_index labels it uses to find and reattach pods.
     """
-    import json
-
-    from hpo_core.launch import worker_arguments
 
     def label_value(value: object) -> str:
         text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-_.")
@@ -182,6 +180,5 @@ def slot_pod_overrides(slot: Mapping[str, Any]) -> dict[str, Any]:
             )[:4000],
         },
     }
-    # The grace is POD_DEADLINE_GRACE, spelled out: this function's source must stand alone.
-    overrides["active_deadline_seconds"] = len(numbers) * timeout + 120
+    overrides["active_deadline_seconds"] = len(numbers) * timeout + POD_DEADLINE_GRACE
     return overrides
