@@ -139,8 +139,9 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
 def slot_pod_overrides(slot: Mapping[str, Any]) -> dict[str, Any]:
     """What differs per slot pod: the worker arguments, its deadline, labels/annotations naming it.
 
-    Pure: it reads only the slot entry. One pod evaluates the slot's trials in sequence, each under the trial timeout of
-    the stored spec, so ``activeDeadlineSeconds`` is that timeout times the trials, plus a grace.
+    Pure: it reads only the slot entry. One pod evaluates the slot's trials in sequence, each under
+    the trial timeout of the stored spec, so ``activeDeadlineSeconds`` is that timeout times the
+    trials, plus a grace.
     The DAG run and the attempt are templates rendered at run time. KubernetesPodOperator adds the
     dag_id / task_id / run_id / map_index labels it uses to find and reattach pods.
     """
