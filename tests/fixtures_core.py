@@ -5,17 +5,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import airflow.settings
+import mlflow
 import pytest
 import yaml
 
 from hpo_core.deployment import Deployment
 from hpo_core.spec import StudySpec, validate_mapping
+from hpo_core.study.start import start_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,8 +77,6 @@ def write_study(folder: Path, data: dict[str, Any] | str, filename: str | None =
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, migrated MLflow SQLite database; copying it saves the migrations per test."""
-    import mlflow
-
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
@@ -83,8 +85,6 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_template: Path) -> Deployment:
     """The embedded default (SQLite Optuna and MLflow, local artifacts) in a fresh folder."""
-    import shutil
-
     home = tmp_path / "hpo"
     home.mkdir(parents=True)
     shutil.copyfile(mlflow_db_template, home / "mlflow.db")
@@ -99,7 +99,6 @@ def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_
 @pytest.fixture
 def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
     """Start a toy study (optionally with spec changes) and return its Optuna study name."""
-    from hpo_core.study.start import start_study
 
     def start(run_id: str = "manual__test", overrides: dict[str, Any] | None = None, **changes: Any) -> str:
         spec = make_spec(**changes)
@@ -188,7 +187,5 @@ def use_dags_folder(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     ``dag.test()`` re-parses the configured DAG bundle to serialize the DAG it runs; the local
     bundle reads ``airflow.settings.DAGS_FOLDER``, which Airflow fixes at import time.
     """
-    import airflow.settings
-
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))
     monkeypatch.setattr(airflow.settings, "DAGS_FOLDER", str(folder))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import mlflow
 import pytest
 
 from tests.services import (
@@ -87,8 +88,6 @@ def mlflow_server(
 @pytest.fixture
 def mlflow_env(mlflow_server: MLflowServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Point this process's MLflow and boto3 clients at the test servers for one test."""
-    import mlflow
-
     env = mlflow_server.env()
     for key, value in env.items():
         monkeypatch.setenv(key, value)

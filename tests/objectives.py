@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +71,6 @@ def recorded(params: dict[str, Any], ctx: TrialContext) -> float:
     Sleeps $HPO_TEST_EVAL_SECONDS (default 1) so that concurrent workers overlap, and fails the
     trial numbers listed in $HPO_TEST_FAIL_TRIALS (comma-separated); their replacements succeed.
     """
-    import json
-    import uuid
-
     started = time.time()
     time.sleep(float(os.environ.get("HPO_TEST_EVAL_SECONDS", "1")))
     record = {"number": ctx.number, "params": params, "start": started, "end": time.time()}

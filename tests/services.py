@@ -28,9 +28,11 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 from urllib.parse import quote, urlsplit
 
+import boto3
 import psutil
 import psycopg2
 import requests
+from cryptography.fernet import Fernet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PG_BIN_DIR = Path(os.environ.get("HPO_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -505,8 +507,6 @@ class MotoS3Server(_Service):
 
     def client(self) -> Any:
         """A boto3 S3 client for the endpoint."""
-        import boto3
-
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
@@ -989,8 +989,6 @@ class AirflowDeployment(_Service):
         return dict(self._env)
 
     def _build_env(self) -> dict[str, str]:
-        from cryptography.fernet import Fernet
-
         password_file = self.home / "simple_auth_manager_passwords.json"
         config = {
             "AIRFLOW_HOME": str(self.home),

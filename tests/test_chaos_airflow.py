@@ -258,7 +258,14 @@ def test_one_failed_trial_retried_through_the_rest_api_then_finalize_cleared(
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (2, 1, 1, 0)
     tis = _tis(client, dag_id, run_id)
     assert tis[(EVALUATE, 0)]["state"] == "failed"  # the other failure stays visible
-    # The registry holds the replacement's model, once, with its lineage.
+    _assert_registered_once_with_lineage(chaos, study, retried, replacement)
+
+
+def _assert_registered_once_with_lineage(
+    chaos: Chaos, study: optuna.Study, retried: FrozenTrial, replacement: FrozenTrial
+) -> None:
+    """The registry holds the replacement's model, once, with its lineage; the failed trial's
+    MLflow run stays FAILED and the replacement's run names the trial it retried."""
     tracking = mlflow.MlflowClient()
     versions = tracking.search_model_versions("name = 'chaos_clear'")
     (version,) = [v for v in versions if v.tags.get("hpo.study") == study.study_name]

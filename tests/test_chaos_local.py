@@ -17,11 +17,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import airflow.settings
 import mlflow
 import optuna
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models import TaskInstance
+from airflow.utils.session import create_session
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_core.cli import latest_study_name
 from hpo_core.deployment import Deployment
 from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.study.accounting import count_trials
@@ -44,9 +49,7 @@ def _slow_space(seconds: float) -> dict[str, Any]:
 
 def _start(deployment: Deployment, run_id: str = "manual__chaos", **changes: Any) -> str:
     spec = make_spec(**changes)
-    return str(
-        start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id)["study_name"]
-    )
+    return str(start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id)["study_name"])
 
 
 def _study(deployment: Deployment, name: str) -> optuna.Study:
@@ -173,9 +176,7 @@ def test_killed_workers_are_taken_over_swept_as_stale_or_closed_by_observe(
         what=f"trial {stale} has been silent for longer than its stale timeout",
     )
     # The next suggest sweeps stale trials first (here it then finds the budget spent).
-    assert suggest_batch(
-        deployment=local_deployment, study_name=name, round_number=2
-    ) == (
+    assert suggest_batch(deployment=local_deployment, study_name=name, round_number=2) == (
         [],
         "budget spent: 3 of 3 trials",
     )
@@ -313,9 +314,6 @@ def test_round_survives_dropped_connections_and_a_database_restart(
 
 def _study_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, modes: list[str], **changes: Any) -> Any:
     """The toy study's DAG with objective ``by_mode``, one trial per mode (grid sampler)."""
-    import airflow.settings
-    from airflow.dag_processing.dagbag import DagBag
-
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder)
@@ -337,9 +335,6 @@ def _study_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, modes: list[str]
 
 
 def _task_instances(dag_run: Any) -> dict[tuple[str, int], Any]:
-    from airflow.models import TaskInstance
-    from airflow.utils.session import create_session
-
     with create_session() as session:
         found = session.query(TaskInstance).filter(TaskInstance.run_id == dag_run.run_id).all()
         session.expunge_all()
@@ -348,8 +343,6 @@ def _task_instances(dag_run: Any) -> dict[tuple[str, int], Any]:
 
 def _run_study(deployment: Deployment, dag_run: Any) -> tuple[str, dict[str, FrozenTrial]]:
     """The run's study name and its trials by mode (a replacement under ``<mode>+``)."""
-    from hpo_core.cli import latest_study_name
-
     name = latest_study_name(deployment, "hpo_quadratic")
     by_mode: dict[str, FrozenTrial] = {}
     for trial in sorted(_trials(deployment, name).values(), key=lambda t: t.number):

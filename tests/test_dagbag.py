@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import socket
 import sqlite3
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk.definitions.deadline import DeadlineReference
+from airflow.sdk.definitions.param import ParamsDict
+from airflow.sdk.exceptions import ParamValidationError
+from hpo_airflow import build_study_dag, load_study_dags, study_params
+from hpo_airflow.alerts import (
+    AlertDeliveryError,
+    connection_url,
+    deadline_message,
+    log_deadline_missed,
+    notify_webhook,
+)
 
-from tests.fixtures_core import study_mapping, write_study
+from hpo_core.errors import StudySpecError
+from hpo_core.spec import validate_mapping
+from tests.fixtures_core import make_spec, study_mapping, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _dagbag(folder: Path) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
     return DagBag(dag_folder=str(folder))
 
 
@@ -75,10 +92,6 @@ def test_duplicate_study_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_strict_mode_raises(tmp_path: Path) -> None:
-    from hpo_airflow import load_study_dags
-
-    from hpo_core.errors import StudySpecError
-
     write_study(tmp_path, "name: [", filename="bad.yaml")
     with pytest.raises(StudySpecError, match=r"bad\.yaml: not valid YAML"):
         load_study_dags({}, studies_dir=tmp_path, strict=True)
@@ -90,7 +103,6 @@ def test_parsing_opens_no_database_or_network_connection(
     folder = _dag_folder(tmp_path)
     write_study(folder / "studies", study_mapping(name="offline"))
     shutil.copy(ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml", folder / "studies")
-    from airflow.dag_processing.dagbag import DagBag
 
     attempts: list[str] = []
 
@@ -101,8 +113,6 @@ def test_parsing_opens_no_database_or_network_connection(
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(sqlite3, "connect", refuse)
-    import psycopg2
-
     monkeypatch.setattr(psycopg2, "connect", refuse)
     bag = DagBag(dag_folder=str(folder))
     assert attempts == []
@@ -111,10 +121,6 @@ def test_parsing_opens_no_database_or_network_connection(
 
 
 def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
-    from hpo_airflow import build_study_dag
-
-    from hpo_core.spec import validate_mapping
-
     data = study_mapping(schedule="@daily")
     data["budget"]["timeout"] = 900
     data["trial"] = {"retries": 3, "retry_delay": 7, "execution_timeout": 45}
@@ -146,12 +152,6 @@ def test_dag_shape_and_settings_come_from_the_spec(tmp_path: Path) -> None:
 
 
 def test_alerts_section_attaches_a_deadline_alert_with_identifiers_only() -> None:
-    from airflow.sdk.definitions.deadline import DeadlineReference
-    from hpo_airflow import build_study_dag
-    from hpo_airflow.alerts import connection_url, deadline_message
-
-    from tests.fixtures_core import make_spec
-
     alerts = {"deadline_seconds": 600, "callback": "webhook", "webhook_conn_id": "hpo_alerts"}
     (alert,) = build_study_dag(make_spec(alerts=alerts)).deadline
     assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
@@ -182,13 +182,6 @@ def test_alerts_section_attaches_a_deadline_alert_with_identifiers_only() -> Non
 def test_deadline_callbacks_log_or_post_without_showing_the_url(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import asyncio
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from hpo_airflow.alerts import AlertDeliveryError, log_deadline_missed, notify_webhook
-
     context = {"dag_run": {"dag_id": "hpo_quadratic", "dag_run_id": "manual__1", "state": "running"}}
     caplog.set_level("WARNING", logger="hpo_airflow.alerts")
     text = asyncio.run(log_deadline_missed(study="quadratic", deadline_seconds=5, context=context))
@@ -234,12 +227,6 @@ def test_deadline_callbacks_log_or_post_without_showing_the_url(
 
 
 def test_trigger_params_are_bounded_by_the_spec() -> None:
-    from airflow.sdk.definitions.param import ParamsDict
-    from airflow.sdk.exceptions import ParamValidationError
-    from hpo_airflow import study_params
-
-    from tests.fixtures_core import make_spec
-
     spec = make_spec()  # max_rounds 3, max_batch_size 4
     params = ParamsDict(study_params(spec))
     assert params.validate()["n_trials"] == 6

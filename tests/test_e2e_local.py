@@ -8,8 +8,11 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from airflow.dag_processing.dagbag import DagBag
 from optuna.trial import TrialState
+from sklearn.datasets import load_breast_cancer
 
+from hpo_core.cli import latest_study_name
 from hpo_core.deployment import Deployment
 from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.spec import spec_from_json
@@ -20,16 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _dag(dag_id: str, folder: Path = ROOT / "dags") -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
     bag = DagBag(dag_folder=str(folder))
     assert bag.import_errors == {}
     return bag.dags[dag_id]
 
 
 def _study(deployment: Deployment, dag_id: str) -> optuna.Study:
-    from hpo_core.cli import latest_study_name
-
     name = latest_study_name(deployment, dag_id)
     return optuna.load_study(study_name=name, storage=deployment.storage_url)
 
@@ -73,8 +72,6 @@ def test_example_study_end_to_end(airflow_db: Path, local_deployment: Deployment
     assert version.tags["hpo.dag_id"] == "hpo_breast_cancer_gbm"
     assert version.tags["hpo.run_id"] == dag_run.run_id
     assert "hpo.data_fingerprint" in version.tags
-
-    from sklearn.datasets import load_breast_cancer
 
     x, _ = load_breast_cancer(return_X_y=True)
     model = mlflow.pyfunc.load_model("models:/breast_cancer_gbm@challenger")

@@ -11,10 +11,17 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from hpo_airflow import build_study_dag
+from hpo_airflow.backends.kubernetes import slot_pod_overrides, trial_pod_settings
+from kubernetes.client import ApiClient
 from optuna.trial import TrialState
 
+from hpo_core.cli import latest_study_name
 from hpo_core.deployment import Deployment
 from hpo_core.keys import TrialAttr
+from hpo_core.spec import validate_mapping
 from hpo_core.study.suggest import batch_slots
 from tests.fixtures_core import study_mapping, use_dags_folder, write_study
 from tests.k8s_emulator import KubernetesEmulator
@@ -67,11 +74,6 @@ class _TI:
 def _operator(
     monkeypatch: pytest.MonkeyPatch, *, numbers: tuple[int, ...] = (17,), **worker_changes: Any
 ) -> Any:
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from hpo_airflow.backends.kubernetes import slot_pod_overrides, trial_pod_settings
-
-    from hpo_core.spec import validate_mapping
-
     # Secrets present in the Airflow environment must never leak into the pod.
     monkeypatch.setenv("HPO_STORAGE_URL", SECRET_VALUES["storage"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUES["aws"])
@@ -164,8 +166,6 @@ def test_a_slot_pod_evaluates_its_trials_in_order_within_a_deadline_for_all(
 
 
 def test_no_secret_in_the_pod_or_the_templated_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubernetes.client import ApiClient
-
     op, _, context = _operator(monkeypatch)
     rendered = json.dumps(
         ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context, dry_run=True))
@@ -191,10 +191,6 @@ def test_pod_template_file_from_the_spec(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_pool_and_concurrency_limits_reach_the_mapped_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpo_airflow import build_study_dag
-
-    from hpo_core.spec import validate_mapping
-
     monkeypatch.delenv("HPO_WORKER_BACKEND", raising=False)
     spec = validate_mapping(study_mapping(worker=WORKER), source="<test>")
     evaluate = build_study_dag(spec).get_task("round_1.evaluate")
@@ -205,10 +201,6 @@ def test_pool_and_concurrency_limits_reach_the_mapped_task(monkeypatch: pytest.M
 
 
 def test_backend_is_overridable_per_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpo_airflow import build_study_dag
-
-    from hpo_core.spec import validate_mapping
-
     spec = validate_mapping(study_mapping(), source="<test>")  # worker.backend: local
     monkeypatch.setenv("HPO_WORKER_BACKEND", "kubernetes")
     assert build_study_dag(spec).get_task("round_1.evaluate").operator_name == "KubernetesPodOperator"
@@ -228,8 +220,6 @@ def _k8s_dag(
     worker_changes: dict[str, Any] | None = None,
     **changes: Any,
 ) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder)
@@ -251,8 +241,6 @@ def _k8s_dag(
 
 
 def _trials(deployment: Deployment) -> list[optuna.trial.FrozenTrial]:
-    from hpo_core.cli import latest_study_name
-
     name = latest_study_name(deployment, "hpo_quadratic")
     study = optuna.load_study(study_name=name, storage=deployment.storage_url)
     return [t for t in study.get_trials() if TrialAttr.ROUND in t.user_attrs]

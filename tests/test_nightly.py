@@ -18,6 +18,12 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import timezone
+from airflow.serialization.encoders import coerce_to_core_timetable
+from airflow.timetables.base import TimeRestriction
+from hpo_airflow import build_study_dag
+from hpo_airflow.factory import START_DATE
 
 from hpo_core.deployment import Deployment
 from hpo_core.examples.drifting import day_data
@@ -54,8 +60,6 @@ TRIALS = {1: 2, 2: 3, 3: 1}
 @pytest.fixture
 def nightly_dag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: Path) -> Any:
     """The study's DAG, from a DAG folder of its own that ``dag.test()`` syncs as the dags bundle."""
-    from airflow.dag_processing.dagbag import DagBag
-
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder / "hpo_studies.py")
@@ -74,6 +78,26 @@ def _versions(client: Any) -> dict[str, Any]:
 
 def _aliases(client: Any) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model(MODEL).aliases.items()}
+
+
+def _assert_night_two_is_warm_started(deployment: Deployment, names: list[str]) -> None:
+    """Night 2 is warm-started: its first trials are the enqueued champion and day 1's next best."""
+    first, second = (optuna.load_study(study_name=n, storage=deployment.storage_url) for n in names[:2])
+    warm = second.user_attrs[StudyAttr.WARM_START]
+    assert warm["previous_study"] == names[0]
+    assert warm["skipped"] == []
+    enqueued = warm["enqueued"]
+    assert enqueued[0]["source"] == f"champion {MODEL} version 1"
+    assert enqueued[1]["source"].startswith(f"top 2 of study {names[0]}")
+    ranked = sorted((t for t in first.trials if t.value is not None), key=lambda t: -float(t.value or 0))
+    assert [e["params"] for e in enqueued] == [ranked[0].params, ranked[1].params]
+    trials = sorted(second.trials, key=lambda t: t.number)
+    assert [t.params for t in trials[: len(enqueued)]] == [e["params"] for e in enqueued]
+    assert [t.user_attrs.get(TrialAttr.WARM_START) for t in trials] == [
+        *(e["source"] for e in enqueued),
+        *([None] * (len(trials) - len(enqueued))),
+    ]
+    assert first.user_attrs[StudyAttr.WARM_START]["enqueued"] == []  # nothing before night 1
 
 
 @pytest.mark.slow
@@ -100,23 +124,7 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
     assert set(names) <= set(studies)
     assert [studies[n].user_attrs[StudyAttr.RUN_ID] for n in names] == [r.run_id for r in runs]
 
-    # Night 2 is warm-started: its first trials are the enqueued champion and day 1's next best.
-    first, second = (optuna.load_study(study_name=n, storage=local_deployment.storage_url) for n in names[:2])
-    warm = second.user_attrs[StudyAttr.WARM_START]
-    assert warm["previous_study"] == names[0]
-    assert warm["skipped"] == []
-    enqueued = warm["enqueued"]
-    assert enqueued[0]["source"] == f"champion {MODEL} version 1"
-    assert enqueued[1]["source"].startswith(f"top 2 of study {names[0]}")
-    ranked = sorted((t for t in first.trials if t.value is not None), key=lambda t: -float(t.value or 0))
-    assert [e["params"] for e in enqueued] == [ranked[0].params, ranked[1].params]
-    trials = sorted(second.trials, key=lambda t: t.number)
-    assert [t.params for t in trials[: len(enqueued)]] == [e["params"] for e in enqueued]
-    assert [t.user_attrs.get(TrialAttr.WARM_START) for t in trials] == [
-        *(e["source"] for e in enqueued),
-        *([None] * (len(trials) - len(enqueued))),
-    ]
-    assert first.user_attrs[StudyAttr.WARM_START]["enqueued"] == []  # nothing before night 1
+    _assert_night_two_is_warm_started(local_deployment, names)
 
     # Night 1: no champion yet. Night 2: better on night 2's data, promoted. Night 3: worse, not.
     versions = _versions(client)
@@ -160,12 +168,6 @@ def test_three_nightly_runs_warm_start_and_promote_only_a_better_challenger(
 
 @pytest.mark.parametrize("schedule", ["0 3 * * *", "@daily", "@hourly", "@weekly"])
 def test_a_scheduled_study_runs_one_at_a_time_without_catching_up(schedule: str) -> None:
-    from airflow.sdk import timezone
-    from airflow.serialization.encoders import coerce_to_core_timetable
-    from airflow.timetables.base import TimeRestriction
-    from hpo_airflow import build_study_dag
-    from hpo_airflow.factory import START_DATE
-
     dag = build_study_dag(make_spec(schedule=schedule))
     assert dag.catchup is False
     assert dag.max_active_runs == 1
@@ -183,16 +185,11 @@ def test_a_scheduled_study_runs_one_at_a_time_without_catching_up(schedule: str)
 
 
 def test_unscheduled_study_is_manual_only() -> None:
-    from airflow.serialization.encoders import coerce_to_core_timetable
-    from hpo_airflow import build_study_dag
-
     dag = build_study_dag(make_spec(schedule=None))
     assert not coerce_to_core_timetable(dag.timetable).periodic
 
 
 def test_bad_cron_is_an_error_of_its_study_file_only(tmp_path: Path) -> None:
-    from airflow.dag_processing.dagbag import DagBag
-
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder / "hpo_studies.py")

@@ -19,10 +19,11 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core.deployment import Deployment
 from hpo_core.keys import TrialAttr
+from hpo_core.payloads import StudyHandle
 from hpo_core.study.accounting import count_trials
 from hpo_core.study.start import start_study
 from hpo_core.study.suggest import suggest_batch
@@ -83,6 +84,51 @@ def _config(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def _assert_each_duplicated_pair_evaluated_once(
+    first: list[Launch], duplicated: list[int], failing: list[int]
+) -> None:
+    """Each duplicated pair: exactly one copy evaluated, the other reported that copy's result."""
+    for n in duplicated:
+        pair = [launch.result for launch in first if launch.requested == n and launch.result]
+        assert sorted(result["already_finished"] for result in pair) == [False, True]
+        assert {result["state"] for result in pair} == {"FAIL" if n in failing else "COMPLETE"}
+        assert len({json.dumps(result["values"]) for result in pair}) == 1
+
+
+def _assert_one_replacement_per_failed_trial(
+    trials: list[FrozenTrial], by_number: dict[int, FrozenTrial], failing: list[int]
+) -> None:
+    """Each failed trial has exactly one counted replacement, which completed with the same params."""
+    replacements = [
+        t for t in trials if TrialAttr.RETRY_OF in t.user_attrs and not t.user_attrs.get(TrialAttr.DISCARDED)
+    ]
+    assert sorted(t.user_attrs[TrialAttr.RETRY_OF] for t in replacements) == sorted(failing)
+    for replacement in replacements:
+        original = by_number[replacement.user_attrs[TrialAttr.RETRY_OF]]
+        assert original.state == TrialState.FAIL
+        reason = original.user_attrs[TrialAttr.FAIL_REASON]
+        assert reason == f"RuntimeError: trial {original.number} fails on purpose"
+        assert replacement.state == TrialState.COMPLETE and replacement.params == original.params
+
+
+def _assert_one_mlflow_run_per_evaluation(
+    tracking_uri: str, started: StudyHandle, name: str, evaluated: list[FrozenTrial], failing: list[int]
+) -> None:
+    """MLflow: one child run per evaluation, under the study's parent run, FAILED for the failures."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    children = client.search_runs(
+        [started["experiment_id"]],
+        filter_string=f"tags.`hpo.study` = '{name}' and tags.`hpo.role` = 'trial'",
+        max_results=1000,
+    )
+    assert Counter(run.data.tags["hpo.trial_number"] for run in children) == {
+        str(t.number): 1 for t in evaluated
+    }
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {started["parent_run_id"]}
+    statuses = {int(run.data.tags["hpo.trial_number"]): run.info.status for run in children}
+    assert {n for n, status in statuses.items() if status == "FAILED"} == set(failing)
+
+
 def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
     create_database: Callable[[str], str],
     mlflow_server: MLflowServer,
@@ -134,12 +180,7 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
         assert launch.code == expected, what
         assert launch.result is not None, what
 
-    # Each duplicated pair: exactly one copy evaluated, the other reported that copy's result.
-    for n in duplicated:
-        pair = [launch.result for launch in first if launch.requested == n and launch.result]
-        assert sorted(result["already_finished"] for result in pair) == [False, True]
-        assert {result["state"] for result in pair} == {"FAIL" if n in failing else "COMPLETE"}
-        assert len({json.dumps(result["values"]) for result in pair}) == 1
+    _assert_each_duplicated_pair_evaluated_once(first, duplicated, failing)
     waited = [launch for launch in first if "waiting for it" in launch.output]
     assert waited, "no duplicated launch met its twin while it was evaluating; the race was not exercised"
 
@@ -147,17 +188,8 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
     study = optuna.load_study(study_name=name, storage=deployment.storage_url)
     trials = study.get_trials()
     assert [t.number for t in trials if not t.state.is_finished()] == []
-    replacements = [
-        t for t in trials if TrialAttr.RETRY_OF in t.user_attrs and not t.user_attrs.get(TrialAttr.DISCARDED)
-    ]
-    assert sorted(t.user_attrs[TrialAttr.RETRY_OF] for t in replacements) == sorted(failing)
     by_number = {t.number: t for t in trials}
-    for replacement in replacements:
-        original = by_number[replacement.user_attrs[TrialAttr.RETRY_OF]]
-        assert original.state == TrialState.FAIL
-        reason = original.user_attrs[TrialAttr.FAIL_REASON]
-        assert reason == f"RuntimeError: trial {original.number} fails on purpose"
-        assert replacement.state == TrialState.COMPLETE and replacement.params == original.params
+    _assert_one_replacement_per_failed_trial(trials, by_number, failing)
     counts = count_trials(study)
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (N_TRIALS, N_TRIALS, 0, 0)
     retries = [launch.result for launch in second if launch.requested in failing and launch.result]
@@ -175,19 +207,7 @@ def test_sixteen_workers_on_one_postgres_study_lose_and_duplicate_nothing(
     assert max(configs.values()) == 2 and len(evaluations) == N_TRIALS + len(failing)
     assert _max_overlap(evaluations) >= 4, "the workers did not run concurrently"
 
-    # MLflow: one child run per evaluation, under the study's parent run, FAILED for the failures.
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server.tracking_uri)
-    children = client.search_runs(
-        [started["experiment_id"]],
-        filter_string=f"tags.`hpo.study` = '{name}' and tags.`hpo.role` = 'trial'",
-        max_results=1000,
-    )
-    assert Counter(run.data.tags["hpo.trial_number"] for run in children) == {
-        str(t.number): 1 for t in evaluated
-    }
-    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {started["parent_run_id"]}
-    statuses = {int(run.data.tags["hpo.trial_number"]): run.info.status for run in children}
-    assert {n for n, status in statuses.items() if status == "FAILED"} == set(failing)
+    _assert_one_mlflow_run_per_evaluation(mlflow_server.tracking_uri, started, name, evaluated, failing)
     print(
         f"\n{len(first)} + {len(second)} worker launches in {elapsed}; "
         f"peak concurrent objective calls {_max_overlap(evaluations)}; {len(waited)} duplicate(s) waited"

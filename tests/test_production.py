@@ -15,6 +15,7 @@ import mlflow
 import optuna
 import psycopg2
 import pytest
+from hpo_airflow.settings import OPTUNA_CONN_ID, resolve_deployment
 
 from hpo_core.deployment import Deployment
 from hpo_core.keys import StudyAttr, TrialAttr
@@ -179,8 +180,6 @@ def test_storage_url_from_the_hpo_optuna_connection(
     form: str,
 ) -> None:
     """No HPO_STORAGE_URL: tasks find the storage in the Airflow Connection ``hpo_optuna`` at execute time."""
-    from hpo_airflow.settings import OPTUNA_CONN_ID, resolve_deployment
-
     url = create_database("hpo_conn")
     dbname = database_name(url)
     if form == "uri":

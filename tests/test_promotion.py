@@ -12,6 +12,10 @@ from typing import Any
 
 import mlflow
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk.definitions.param import ParamsDict
+from airflow.sdk.exceptions import ParamValidationError
+from hpo_airflow.promotion_dag import promotion_params
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from hpo_core.cli import main as hpo
@@ -285,10 +289,6 @@ def test_promote_missing_version_raises_promotion_error(
 
 
 def test_promotion_form_refuses_a_bad_request_at_trigger_time() -> None:
-    from airflow.sdk.definitions.param import ParamsDict
-    from airflow.sdk.exceptions import ParamValidationError
-    from hpo_airflow.promotion_dag import promotion_params
-
     def form(values: dict[str, str]) -> dict[str, Any]:
         params = ParamsDict(promotion_params())
         params.update(values)
@@ -308,8 +308,6 @@ def test_promotion_form_refuses_a_bad_request_at_trigger_time() -> None:
 def test_promotion_dag_promotes_and_rolls_back_recording_the_triggering_user(
     airflow_db: Path, client: Any, register: Callable[..., str]
 ) -> None:
-    from airflow.dag_processing.dagbag import DagBag
-
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
     dag = bag.dags["hpo_promote_model"]

@@ -8,9 +8,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import psycopg2
 import pytest
 import sqlalchemy
+from mlflow import MlflowClient
+from sklearn.linear_model import LogisticRegression
 
 from tests.services import (
     AirflowApiError,
@@ -105,11 +109,6 @@ def test_moto_s3_bucket_round_trip(s3_server: MotoS3Server) -> None:
 def test_mlflow_logs_registers_and_serves_a_model_from_s3(
     mlflow_server: MLflowServer, s3_server: MotoS3Server, mlflow_env: dict[str, str]
 ) -> None:
-    import mlflow
-    import numpy as np
-    from mlflow import MlflowClient
-    from sklearn.linear_model import LogisticRegression
-
     X = np.array([[0.0, 0.1], [0.2, 0.0], [1.0, 0.9], [0.9, 1.1]])
     y = np.array([0, 0, 1, 1])
     model = LogisticRegression().fit(X, y)

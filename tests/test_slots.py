@@ -18,8 +18,12 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models import TaskInstance
+from airflow.utils.session import create_session
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_core.cli import latest_study_name
 from hpo_core.deployment import Deployment
 from hpo_core.keys import TrialAttr
 from hpo_core.study.accounting import count_trials
@@ -88,9 +92,7 @@ def test_slot_closes_exactly_its_bad_trials_and_its_retry_reevaluates_only_those
     deployment = dataclasses.replace(local_deployment, storage_url=create_database("hpo_slots"))
     spec = make_spec(**{k: v for k, v in _slot_study(worker={"trials_per_task": 4}).items() if k != "name"})
     name = str(
-        start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__slot")[
-            "study_name"
-        ]
+        start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__slot")["study_name"]
     )
     batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=1)
     (slot,) = batch_slots(batch)  # four trials per task: one slot holds the whole batch
@@ -150,10 +152,6 @@ def test_dag_run_of_slots_retries_only_the_failed_trials(
 ) -> None:
     """Two slots of two trials each under ``dag.test()``; each slot fails its first attempt because
     one of its trials does, and its retry re-evaluates only that trial."""
-    from airflow.dag_processing.dagbag import DagBag
-    from airflow.models import TaskInstance
-    from airflow.utils.session import create_session
-
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder)
@@ -163,8 +161,6 @@ def test_dag_run_of_slots_retries_only_the_failed_trials(
     assert bag.import_errors == {}
     dag_run = bag.dags["hpo_quadratic"].test()
     assert dag_run.state == "success"
-
-    from hpo_core.cli import latest_study_name
 
     name = latest_study_name(local_deployment, "hpo_quadratic")
     trials = _trials_by_mode(local_deployment, name)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from hpo_core.errors import HpoError, StudySpecError
-from hpo_core.spec import load_spec, parse_spec
+from hpo_core.spec import load_spec, parse_spec, spec_from_json, validate_mapping
 from tests.fixtures_core import QUADRATIC_STUDY, study_mapping, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,15 +209,11 @@ def test_example_study_is_valid_and_frozen() -> None:
 
 
 def test_spec_round_trips_through_json() -> None:
-    from hpo_core.spec import spec_from_json, validate_mapping
-
     spec = validate_mapping(study_mapping(), source="<test>")
     assert spec_from_json(spec.to_json()) == spec
 
 
 def test_multi_objective_spec() -> None:
-    from hpo_core.spec import validate_mapping
-
     data = study_mapping(direction=None, metric=None)
     data.update(
         directions=["minimize", "maximize"],

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -77,9 +78,7 @@ def _start(
 
 def _run_round(deployment: Deployment, study_name: str, round_number: int) -> list[dict[str, Any]]:
     """Suggest a round, evaluate its trials with the real worker code (in-process), observe it."""
-    batch, reason = suggest_batch(
-        deployment=deployment, study_name=study_name, round_number=round_number
-    )
+    batch, reason = suggest_batch(deployment=deployment, study_name=study_name, round_number=round_number)
     assert batch, reason
     for entry in batch:
         outcome = run_trial(deployment=deployment, study_name=study_name, trial_number=entry["trial_number"])
@@ -164,8 +163,6 @@ def test_champion_and_previous_top_k_are_the_first_trials_of_the_next_study(
 
 
 def registry_version(deployment: Deployment, alias: str) -> Any:
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=deployment.tracking_uri)
     return client.get_model_version_by_alias("drifting", alias)
 

@@ -15,6 +15,7 @@ from hpo_core.deployment import Deployment
 from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.study.accounting import count_trials
 from hpo_core.study.suggest import suggest_batch
+from hpo_core.worker import run_slot
 from tests.fixtures_core import run_worker
 
 X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
@@ -194,8 +195,6 @@ def test_in_process_slot_logs_to_the_study_experiment_whatever_the_caller_set(
 ) -> None:
     """A warm worker inside a process that already chose another MLflow experiment (an Airflow task
     process, a notebook) still logs each trial, and its model, to the study's own experiment."""
-    from hpo_core.worker import run_slot
-
     name = start_toy_study()
     batch, _ = suggest_batch(deployment=local_deployment, study_name=name, round_number=1)
     mlflow.set_tracking_uri(local_deployment.tracking_uri)

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from hpo_core.deployment import Deployment
 from hpo_core.keys import TrialAttr
+from hpo_core.spec import load_spec
 from hpo_core.study.start import start_study
 from hpo_core.study.suggest import suggest_batch
 from tests.services import MLflowServer, MotoS3Server
@@ -83,14 +84,10 @@ def test_worker_venv_runs_a_trial_of_the_example(
     deployment = Deployment(
         storage_url=create_database("hpo_worker_env"), tracking_uri=mlflow_server.tracking_uri
     )
-    from hpo_core.spec import load_spec
-
     spec = load_spec(ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml")
     spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 1, "batch_size": 1})})
     started = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="manual__image_env")
-    batch, _ = suggest_batch(
-        deployment=deployment, study_name=started["study_name"], round_number=1
-    )
+    batch, _ = suggest_batch(deployment=deployment, study_name=started["study_name"], round_number=1)
 
     app = tmp_path / "app"  # what the image holds: /app/hpo_core and nothing else of the repo
     shutil.copytree(ROOT / "hpo_core", app / "hpo_core", ignore=shutil.ignore_patterns("__pycache__"))

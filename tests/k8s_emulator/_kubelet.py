@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from ._cluster import Cluster, PodRecord
+from ._cluster import Cluster, Fault, PodRecord
 from ._model import parse_quantity, rfc3339, utcnow
 
 __all__ = ["Kubelet", "KubeletConfig"]
@@ -84,6 +84,24 @@ class _Outcome:
     message: str | None = None
     pod_reason: str | None = None
     pod_message: str | None = None
+
+
+def _outcome(kill_reason: str | None, fault: Fault | None, code: int) -> _Outcome:
+    """How a supervised container ended: the reason it was killed for, else its own exit code."""
+    natural = 128 - code if code < 0 else code
+    if kill_reason == "oom":
+        return _Outcome(137, "OOMKilled")
+    if kill_reason == "crash":
+        assert fault is not None
+        return _Outcome(fault.exit_code, "Error", fault.message)
+    if kill_reason == "deadline":
+        return _Outcome(
+            137,
+            "DeadlineExceeded",
+            pod_reason="DeadlineExceeded",
+            pod_message="Pod was active on the node longer than the specified deadline",
+        )
+    return _Outcome(natural, "Completed" if natural == 0 else "Error")
 
 
 def _pod_requests(spec: Mapping[str, Any]) -> dict[str, Decimal]:
@@ -640,21 +658,7 @@ class Kubelet:
                     _kill_group(process, signal.SIGKILL)
             elif kill_reason == "deleted" and now - term_sent_at >= grace:
                 _kill_group(process, signal.SIGKILL)
-        code = process.returncode
-        natural = 128 - code if code < 0 else code
-        if kill_reason == "oom":
-            return _Outcome(137, "OOMKilled")
-        if kill_reason == "crash":
-            assert fault is not None
-            return _Outcome(fault.exit_code, "Error", fault.message)
-        if kill_reason == "deadline":
-            return _Outcome(
-                137,
-                "DeadlineExceeded",
-                pod_reason="DeadlineExceeded",
-                pod_message="Pod was active on the node longer than the specified deadline",
-            )
-        return _Outcome(natural, "Completed" if natural == 0 else "Error")
+        return _outcome(kill_reason, fault, process.returncode)
 
     # ---------------------------------------------------------------------------------------- finish
     def _finish(self, record: PodRecord, outcome: _Outcome, failed_init: str | None) -> None:

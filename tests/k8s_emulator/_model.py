@@ -249,6 +249,16 @@ def pod_security_violations(pod: Mapping[str, Any], level: str) -> list[str]:
     spec = pod.get("spec") or {}
     pod_context = spec.get("securityContext") or {}
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    found = _pod_level_violations(spec, level)
+    for container in containers:
+        found.extend(_baseline_container_violations(container))
+        if level == "restricted":
+            found.extend(_restricted_container_violations(container, pod_context))
+    return found
+
+
+def _pod_level_violations(spec: Mapping[str, Any], level: str) -> list[str]:
+    """Host namespaces and volume types of the pod spec."""
     found: list[str] = []
     for flag in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(flag):
@@ -259,39 +269,53 @@ def pod_security_violations(pod: Mapping[str, Any], level: str) -> list[str]:
             found.append(f'hostPath volumes (volume "{volume.get("name")}")')
         elif level == "restricted" and any(k not in _RESTRICTED_VOLUMES for k in kinds):
             found.append(f'restricted volume types (volume "{volume.get("name")}" uses {kinds[0]})')
-    for container in containers:
-        name = container.get("name")
-        context = container.get("securityContext") or {}
-        capabilities = context.get("capabilities") or {}
-        added = set(capabilities.get("add") or [])
-        if context.get("privileged"):
-            found.append(f'privileged (container "{name}" must not set securityContext.privileged=true)')
-        if added - _BASELINE_CAPABILITIES:
-            found.append(f'non-default capabilities (container "{name}" must not include {sorted(added)})')
-        if any(port.get("hostPort") for port in container.get("ports") or []):
-            found.append(f'hostPort (container "{name}" uses hostPort)')
-        if level != "restricted":
-            continue
-        if context.get("allowPrivilegeEscalation") is not False:
-            found.append(
-                f'allowPrivilegeEscalation != false (container "{name}" must set '
-                "securityContext.allowPrivilegeEscalation=false)"
-            )
-        if "ALL" not in (capabilities.get("drop") or []) or added - {"NET_BIND_SERVICE"}:
-            found.append(
-                f'unrestricted capabilities (container "{name}" must set '
-                'securityContext.capabilities.drop=["ALL"])'
-            )
-        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
-            found.append(
-                f'runAsNonRoot != true (pod or container "{name}" must set securityContext.runAsNonRoot=true)'
-            )
-        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
-            found.append(f'runAsUser=0 (container "{name}" must not set runAsUser=0)')
-        profile = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
-        if profile not in ("RuntimeDefault", "Localhost"):
-            found.append(
-                f'seccompProfile (pod or container "{name}" must set securityContext.seccompProfile.type '
-                'to "RuntimeDefault" or "Localhost")'
-            )
+    return found
+
+
+def _baseline_container_violations(container: Mapping[str, Any]) -> list[str]:
+    """What the baseline level refuses in one container: privileged, added capabilities, host ports."""
+    name = container.get("name")
+    context = container.get("securityContext") or {}
+    added = set((context.get("capabilities") or {}).get("add") or [])
+    found: list[str] = []
+    if context.get("privileged"):
+        found.append(f'privileged (container "{name}" must not set securityContext.privileged=true)')
+    if added - _BASELINE_CAPABILITIES:
+        found.append(f'non-default capabilities (container "{name}" must not include {sorted(added)})')
+    if any(port.get("hostPort") for port in container.get("ports") or []):
+        found.append(f'hostPort (container "{name}" uses hostPort)')
+    return found
+
+
+def _restricted_container_violations(
+    container: Mapping[str, Any], pod_context: Mapping[str, Any]
+) -> list[str]:
+    """What the restricted level refuses in one container on top of baseline (pod defaults apply)."""
+    name = container.get("name")
+    context = container.get("securityContext") or {}
+    capabilities = context.get("capabilities") or {}
+    added = set(capabilities.get("add") or [])
+    found: list[str] = []
+    if context.get("allowPrivilegeEscalation") is not False:
+        found.append(
+            f'allowPrivilegeEscalation != false (container "{name}" must set '
+            "securityContext.allowPrivilegeEscalation=false)"
+        )
+    if "ALL" not in (capabilities.get("drop") or []) or added - {"NET_BIND_SERVICE"}:
+        found.append(
+            f'unrestricted capabilities (container "{name}" must set '
+            'securityContext.capabilities.drop=["ALL"])'
+        )
+    if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+        found.append(
+            f'runAsNonRoot != true (pod or container "{name}" must set securityContext.runAsNonRoot=true)'
+        )
+    if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+        found.append(f'runAsUser=0 (container "{name}" must not set runAsUser=0)')
+    profile = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+    if profile not in ("RuntimeDefault", "Localhost"):
+        found.append(
+            f'seccompProfile (pod or container "{name}" must set securityContext.seccompProfile.type '
+            'to "RuntimeDefault" or "Localhost")'
+        )
     return found

@@ -44,24 +44,7 @@ def apply_strategic_merge_patch(target: Any, patch: Any, _field: str = "") -> An
     ``$patch: delete`` inside a keyed list item removes that item; other directives are refused.
     """
     if isinstance(patch, list) and _field in _MERGE_KEYS and isinstance(target, list):
-        key = _MERGE_KEYS[_field]
-        result = copy.deepcopy(target)
-        for item in patch:
-            if not isinstance(item, dict) or key not in item:
-                raise PatchError(f"strategic merge patch: items of {_field} need the merge key {key!r}")
-            index = next((i for i, old in enumerate(result) if old.get(key) == item[key]), None)
-            directive = item.get("$patch")
-            if directive == "delete":
-                if index is not None:
-                    result.pop(index)
-                continue
-            if directive is not None:
-                raise PatchError(f"strategic merge patch: unsupported directive $patch={directive!r}")
-            if index is None:
-                result.append(copy.deepcopy(item))
-            else:
-                result[index] = apply_strategic_merge_patch(result[index], item)
-        return result
+        return _merge_keyed_list(target, patch, _field)
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     if "$patch" in patch:
@@ -73,6 +56,28 @@ def apply_strategic_merge_patch(target: Any, patch: Any, _field: str = "") -> An
         else:
             merged[name] = apply_strategic_merge_patch(merged.get(name), value, name)
     return merged
+
+
+def _merge_keyed_list(target: list[Any], patch: list[Any], field: str) -> list[Any]:
+    """Merge the items of a list in ``_MERGE_KEYS`` by their merge key (``$patch: delete`` removes one)."""
+    key = _MERGE_KEYS[field]
+    result = copy.deepcopy(target)
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            raise PatchError(f"strategic merge patch: items of {field} need the merge key {key!r}")
+        index = next((i for i, old in enumerate(result) if old.get(key) == item[key]), None)
+        directive = item.get("$patch")
+        if directive == "delete":
+            if index is not None:
+                result.pop(index)
+            continue
+        if directive is not None:
+            raise PatchError(f"strategic merge patch: unsupported directive $patch={directive!r}")
+        if index is None:
+            result.append(copy.deepcopy(item))
+        else:
+            result[index] = apply_strategic_merge_patch(result[index], item)
+    return result
 
 
 def _pointer(path: str) -> list[str]:
@@ -108,34 +113,48 @@ def apply_json_patch(target: Any, operations: Any) -> Any:
         parent = _parent(doc, parts, path)
         last = parts[-1]
         if op == "test":
-            try:
-                current = parent[int(last)] if isinstance(parent, list) else parent[last]
-            except (KeyError, IndexError, ValueError) as e:
-                raise PatchError(f"JSON patch: test path {path!r} does not exist") from e
-            if current != operation.get("value"):
-                raise PatchError(f"JSON patch: test failed at {path!r}")
+            _test(parent, last, path, operation.get("value"))
         elif op in ("add", "replace"):
-            value = copy.deepcopy(operation.get("value"))
-            if isinstance(parent, list):
-                index = len(parent) if last == "-" else int(last)
-                if op == "add":
-                    parent.insert(index, value)
-                else:
-                    parent[index] = value
-            elif isinstance(parent, dict):
-                if op == "replace" and last not in parent:
-                    raise PatchError(f"JSON patch: replace path {path!r} does not exist")
-                parent[last] = value
-            else:
-                raise PatchError(f"JSON patch: parent of {path!r} is not a container")
+            _add_or_replace(parent, last, path, op, copy.deepcopy(operation.get("value")))
         elif op == "remove":
-            try:
-                if isinstance(parent, list):
-                    parent.pop(int(last))
-                else:
-                    del parent[last]
-            except (KeyError, IndexError, ValueError, TypeError) as e:
-                raise PatchError(f"JSON patch: remove path {path!r} does not exist") from e
+            _remove(parent, last, path)
         else:
             raise PatchError(f"JSON patch: unsupported op {op!r}")
     return doc
+
+
+def _test(parent: Any, last: str, path: str, expected: Any) -> None:
+    """The ``test`` operation: the value at ``path`` must equal ``expected``."""
+    try:
+        current = parent[int(last)] if isinstance(parent, list) else parent[last]
+    except (KeyError, IndexError, ValueError) as e:
+        raise PatchError(f"JSON patch: test path {path!r} does not exist") from e
+    if current != expected:
+        raise PatchError(f"JSON patch: test failed at {path!r}")
+
+
+def _add_or_replace(parent: Any, last: str, path: str, op: str, value: Any) -> None:
+    """The ``add`` and ``replace`` operations (``-`` appends to a list)."""
+    if isinstance(parent, list):
+        index = len(parent) if last == "-" else int(last)
+        if op == "add":
+            parent.insert(index, value)
+        else:
+            parent[index] = value
+    elif isinstance(parent, dict):
+        if op == "replace" and last not in parent:
+            raise PatchError(f"JSON patch: replace path {path!r} does not exist")
+        parent[last] = value
+    else:
+        raise PatchError(f"JSON patch: parent of {path!r} is not a container")
+
+
+def _remove(parent: Any, last: str, path: str) -> None:
+    """The ``remove`` operation."""
+    try:
+        if isinstance(parent, list):
+            parent.pop(int(last))
+        else:
+            del parent[last]
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise PatchError(f"JSON patch: remove path {path!r} does not exist") from e
