@@ -205,11 +205,11 @@ def apply_rule(
 def _compare_rescored(
     spec: StudySpec,
     *,
-    hook: Any,
+    hook: Callable[..., Any],
     version: str,
     champion_version: str,
     seed: int,
-    decision: Any,
+    decision: Callable[..., PromotionDecision],
 ) -> PromotionDecision:
     name = _model_name(spec)
     scores: dict[str, float] = {}
@@ -241,7 +241,12 @@ def _compare_rescored(
 
 
 def _compare_stored(
-    mlflow_client: MlflowClient, spec: StudySpec, *, version: str, champion: Any, decision: Any
+    mlflow_client: MlflowClient,
+    spec: StudySpec,
+    *,
+    version: str,
+    champion: ModelVersion,
+    decision: Callable[..., PromotionDecision],
 ) -> PromotionDecision:
     name = _model_name(spec)
     challenger = mlflow_client.get_model_version(name, version)
@@ -284,7 +289,7 @@ def _verdict(
     champion: float,
     champion_version: str,
     comparison: str,
-    decision: Any,
+    decision: Callable[..., PromotionDecision],
 ) -> PromotionDecision:
     direction = spec.promotion_direction
     gain = challenger - champion if direction == "maximize" else champion - challenger
