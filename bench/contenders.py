@@ -16,27 +16,30 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from hpo_core.samplers import build_sampler
+from hpo_core.space import import_callable, sample_params
+from hpo_core.spec import load_spec
+
 
 def _sleep_record(config: dict[str, Any], contender: str) -> float:
-    """Self-contained copy of :func:`bench.objectives.timed_sleep` (pickled by value to Ray/Spark)."""
-    import json as _json
-    import os as _os
-    import time as _time
-    import uuid as _uuid
-
-    seconds = float(_os.environ.get("HPO_BENCH_TRIAL_SECONDS", "5"))
-    start = _time.time()
-    _time.sleep(seconds)
-    end = _time.time()
-    folder = _os.environ.get("HPO_BENCH_TIMING_DIR")
+    """Self-contained copy of :func:`bench.objectives.timed_sleep` (pickled by value to Ray/Spark,
+    with the standard-library modules it uses pickled by reference)."""
+    seconds = float(os.environ.get("HPO_BENCH_TRIAL_SECONDS", "5"))
+    start = time.time()
+    time.sleep(seconds)
+    end = time.time()
+    folder = os.environ.get("HPO_BENCH_TIMING_DIR")
     if folder:
-        _os.makedirs(folder, exist_ok=True)
-        record = {"contender": contender, "pid": _os.getpid(), "start": start, "end": end}
-        with open(_os.path.join(folder, f"{_uuid.uuid4().hex}.json"), "w") as f:
-            f.write(_json.dumps(record))
+        os.makedirs(folder, exist_ok=True)
+        record = {"contender": contender, "pid": os.getpid(), "start": start, "end": end}
+        with open(os.path.join(folder, f"{uuid.uuid4().hex}.json"), "w") as f:
+            f.write(json.dumps(record))
     return float(sum((float(v) - 0.3) ** 2 for v in config.values()))
 
 
@@ -44,8 +47,6 @@ def run_optuna(args: argparse.Namespace) -> dict[str, Any]:
     """Plain Optuna: ``study.optimize(n_jobs=P)`` with the study's own sampler, on the same storage."""
     import optuna
 
-    from hpo_core.samplers import build_sampler
-    from hpo_core.spec import load_spec
     from hpo_core.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -114,7 +115,6 @@ def run_ray(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_spark(args: argparse.Namespace) -> dict[str, Any]:
     """Hyperopt TPE with SparkTrials(parallelism=P) on a local Spark (``local[P]``)."""
-    import numpy as np
     from hyperopt import SparkTrials, fmin, hp, tpe
     from pyspark.sql import SparkSession
 
@@ -166,10 +166,7 @@ def run_optuna_example(args: argparse.Namespace) -> dict[str, Any]:
     from mlflow.entities import Metric, Param
 
     from hpo_core.objective import TrialContext, call_objective, normalize_result
-    from hpo_core.samplers import build_sampler
     from hpo_core.samplers.pruners import build_pruner
-    from hpo_core.space import import_callable, sample_params
-    from hpo_core.spec import load_spec
     from hpo_core.storage import open_storage
     from hpo_core.tracking.runs import flat_params
 

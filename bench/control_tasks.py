@@ -41,20 +41,30 @@ time (a retry or clear: idempotent, nothing logged twice).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import importlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, fmt, machine_info, table, write_json
+
+# A cold task process imports this module first (``_COLD_CODE``), then times its import of the task
+# modules and its task body: so only the standard library and bench.common at the top, and the
+# project's modules where they are used (those imports carry ``noqa: PLC0415``).
 
 STUDY_FILE = REPO_ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml"
 DAG_ID = "hpo_breast_cancer_gbm"
@@ -96,9 +106,9 @@ class _TaskInstance:
 
 
 def _spec(registered: bool) -> Any:
-    import yaml
+    import yaml  # noqa: PLC0415 - cold task processes import this module
 
-    from hpo_core.spec import validate_mapping
+    from hpo_core.spec import validate_mapping  # noqa: PLC0415 - cold task processes import this module
 
     raw = yaml.safe_load(STUDY_FILE.read_text())
     if not registered:
@@ -110,38 +120,8 @@ def _spec(registered: bool) -> Any:
 
 def _run_step(step: Mapping[str, Any], *, profile: str | None = None) -> dict[str, Any]:
     """Call one control task's body with a stand-in context; return its time and result."""
-    import types
-
-    from hpo_airflow import settings as _settings
-    from hpo_airflow import tasks as _tasks
-
-    context = {
-        "dag_run": types.SimpleNamespace(dag_id=DAG_ID, run_id=step["run_id"]),
-        "params": {},
-        "ti": _TaskInstance(step.get("states") or {}),
-        "logical_date": None,
-    }
-    _tasks.get_current_context = lambda: context  # type: ignore[assignment]
-    # No Airflow Connections (the embedded default): in a task each lookup is one request to the API
-    # server through the supervisor; outside a task it would import the supervisor instead.
-    _settings._connection_uri = lambda conn_id: None  # type: ignore[assignment]
-    task = step["task"]
-    if task == "start":
-        spec = _spec(step["registered"])
-        call: Any = lambda: _tasks.start(spec)  # noqa: E731
-    elif task == "suggest":
-        call = lambda: _tasks.suggest(step["study"], step["round"])  # noqa: E731
-    elif task == "observe":
-        call = lambda: _tasks.observe(step["study"], step["round"])  # noqa: E731
-    elif task == "finalize":
-        call = lambda: _tasks.finalize(step["study"])  # noqa: E731
-    else:
-        raise ValueError(task)
-    profiler = None
-    if profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
+    call = _task_body(step)
+    profiler = cProfile.Profile() if profile else None
     sys.stderr.write(BODY_MARKER + "\n")
     sys.stderr.flush()
     outcome: dict[str, Any] = {"result": None, "skipped": None, "error": None}
@@ -162,21 +142,56 @@ def _run_step(step: Mapping[str, Any], *, profile: str | None = None) -> dict[st
             outcome["error"] = f"{type(e).__name__}: {e}"
             outcome["traceback"] = traceback.format_exc()
     outcome["seconds"] = time.perf_counter() - start
-    imported = sorted(set(sys.modules) - modules_before)
-    outcome["modules_imported"] = len(imported)
-    roots: dict[str, int] = {}
-    for name in imported:
-        root = ".".join(name.split(".")[:3])
-        roots[root] = roots.get(root, 0) + 1
-    outcome["module_roots"] = sorted(roots.items(), key=lambda kv: -kv[1])[:12]
+    outcome.update(_modules_imported_since(modules_before))
     if profiler is not None and profile:
         profiler.dump_stats(profile)
     return outcome
 
 
+def _task_body(step: Mapping[str, Any]) -> Callable[[], Any]:
+    """The step's task function (``hpo_airflow.tasks``) bound to its arguments, with a stand-in context."""
+    from hpo_airflow import settings as _settings  # noqa: PLC0415 - cold task processes import this module
+    from hpo_airflow import tasks as _tasks  # noqa: PLC0415 - cold task processes import this module
+
+    context = {
+        "dag_run": types.SimpleNamespace(dag_id=DAG_ID, run_id=step["run_id"]),
+        "params": {},
+        "ti": _TaskInstance(step.get("states") or {}),
+        "logical_date": None,
+    }
+    _tasks.get_current_context = lambda: context  # type: ignore[assignment]
+    # No Airflow Connections (the embedded default): in a task each lookup is one request to the API
+    # server through the supervisor; outside a task it would import the supervisor instead.
+    _settings._connection_uri = lambda conn_id: None  # type: ignore[assignment]
+    task = step["task"]
+    if task == "start":
+        spec = _spec(step["registered"])
+        return lambda: _tasks.start(spec)
+    if task == "suggest":
+        return lambda: _tasks.suggest(step["study"], step["round"])
+    if task == "observe":
+        return lambda: _tasks.observe(step["study"], step["round"])
+    if task == "finalize":
+        return lambda: _tasks.finalize(step["study"])
+    raise ValueError(task)
+
+
+def _modules_imported_since(modules_before: set[str]) -> dict[str, Any]:
+    """How many modules were imported since ``modules_before``, and the 12 packages most of them are in."""
+    imported = sorted(set(sys.modules) - modules_before)
+    roots: dict[str, int] = {}
+    for name in imported:
+        root = ".".join(name.split(".")[:3])
+        roots[root] = roots.get(root, 0) + 1
+    return {
+        "modules_imported": len(imported),
+        "module_roots": sorted(roots.items(), key=lambda kv: -kv[1])[:12],
+    }
+
+
 def _pre_imports() -> tuple[str, ...]:
     try:
-        from hpo_airflow.executor import DEFAULT_PREIMPORTS
+        from hpo_airflow.executor import DEFAULT_PREIMPORTS  # noqa: PLC0415 - optional; cold task processes import this module
     except ImportError:
         return PRE_IMPORTS
     return tuple(DEFAULT_PREIMPORTS)
@@ -190,16 +205,13 @@ def _like_the_scheduler() -> None:
     scheduler, which did that long before; a fresh interpreter (cold) pays it at its first ORM query,
     whichever library makes it.
     """
-    from airflow.models.base import Base
+    from airflow.models.base import Base  # noqa: PLC0415 - cold task processes import this module
 
     Base.registry.configure()
 
 
 def _cold_main(step_json: str, t0: float) -> None:
     """Entry of a cold task process: import the task module, then time the body."""
-    import importlib
-    import logging
-
     step = json.loads(step_json)
     logging.basicConfig(level=logging.WARNING)
     before = time.perf_counter()
@@ -239,13 +251,11 @@ def _evaluate(
     prune: int | None,
 ) -> dict[str, str]:
     """Do what slot workers do to the storage and MLflow, quickly; return the slots' task states."""
-    import socket
-
     import optuna
     from optuna.trial import TrialState
 
-    from hpo_core.deployment import Deployment
-    from hpo_core.keys import StudyAttr, TrialAttr
+    from hpo_core.deployment import Deployment  # noqa: PLC0415 - cold task processes import this module
+    from hpo_core.keys import StudyAttr, TrialAttr  # noqa: PLC0415 - cold task processes import this module
     from hpo_core.storage import open_storage
     from hpo_core.tracking import runs as tracking
 
@@ -254,16 +264,7 @@ def _evaluate(
     study = optuna.load_study(study_name=study_name, storage=storage)
     attrs = study.user_attrs
     client = tracking.client(deployment)
-    model = fingerprint = None
-    if with_model:
-        from sklearn.datasets import load_breast_cancer
-        from sklearn.linear_model import LogisticRegression
-
-        from hpo_core.examples.breast_cancer import data_fingerprint
-
-        x, y = load_breast_cancer(return_X_y=True)
-        model = LogisticRegression(max_iter=5000).fit(x, y)
-        fingerprint = data_fingerprint(x, y)
+    model, fingerprint = _small_model() if with_model else (None, None)
     states: dict[str, str] = {}
     round_number = slots[0]["round"]
     for slot in slots:
@@ -322,6 +323,18 @@ def _evaluate(
             client.set_terminated(run_id, status="FINISHED")
             study.tell(number, values=[value])
     return states
+
+
+def _small_model() -> tuple[Any, str]:
+    """A small scikit-learn model of the example's data and the data's fingerprint, as a trial logs them."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    from hpo_core.examples.breast_cancer import data_fingerprint  # noqa: PLC0415 - cold task processes import this module
+
+    x, y = load_breast_cancer(return_X_y=True)
+    model = LogisticRegression(max_iter=5000).fit(x, y)
+    return model, data_fingerprint(x, y)
 
 
 # --- a scenario ------------------------------------------------------------------------------
@@ -518,7 +531,7 @@ def _scenario(mode: str, registered: bool, args: argparse.Namespace) -> list[dic
 
 def _install() -> None:
     """Create the embedded default's databases, as its first use does (Optuna tables, MLflow schema)."""
-    from hpo_core.deployment import Deployment
+    from hpo_core.deployment import Deployment  # noqa: PLC0415 - cold task processes import this module
     from hpo_core.storage import open_storage
     from hpo_core.tracking import runs as tracking
 
@@ -533,8 +546,6 @@ def _install() -> None:
 
 def _median_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (scenario, mode, step): the median of its repeats' times."""
-    import statistics
-
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["scenario"], r["mode"], r["step"]), []).append(r)
@@ -649,9 +660,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    import importlib
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
     sys.path[:0] = [str(REPO_ROOT / "plugins")]
     began = time.perf_counter()

@@ -50,8 +50,11 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import (
     BENCH_PYTHON,
@@ -69,6 +72,8 @@ from bench.common import (
     write_json,
 )
 from bench.objectives import ENV_SECONDS, ENV_TIMING_DIR, read_timings
+from hpo_core.spec import load_spec
+from tests.services import AirflowDeployment, PostgresServer
 
 TARGET_EFFICIENCY = 0.85
 TARGETS = {
@@ -250,48 +255,17 @@ def analyse_run(
     first_start = _epoch(start_ti["start_date"])
     k = 1
     while (f"round_{k}.suggest", -1) in by_key:
-        sug = by_key[(f"round_{k}.suggest", -1)]
-        obs = by_key[(f"round_{k}.observe", -1)]
-        evs = sorted(
-            (ti for (tid, mi), ti in by_key.items() if tid == f"round_{k}.evaluate" and mi >= 0),
-            key=lambda ti: ti["map_index"],
+        row, round_slots, prev_end = _analyse_round(
+            k,
+            by_key,
+            by_slot,
+            timing_by_trial,
+            prev_end=prev_end,
+            trial_seconds=trial_seconds,
+            parallelism=parallelism,
         )
-        obs_end = _epoch(obs["end_date"]) or _epoch(sug["end_date"])
-        if sug["state"] != "success" or not evs:
-            rounds.append({"round": k, "skipped": True, "span_s": (obs_end or prev_end) - prev_end})
-            prev_end = obs_end or prev_end
-            k += 1
-            continue
-        ev_start = min(_epoch(ti["start_date"]) for ti in evs)
-        ev_end = max(_epoch(ti["end_date"]) for ti in evs)
-        round_slots = [analyse_slot(ti, by_slot.get((k, ti["map_index"]), []), timing_by_trial) for ti in evs]
-        for s in round_slots:
-            s["round"] = k
-        slots.extend(round_slots)
-        n_round = sum(s["trials"] for s in round_slots)
-        ideal = math.ceil(n_round / parallelism) * trial_seconds if trial_seconds else None
-        hops = (
-            (_epoch(sug["start_date"]) - prev_end)
-            + (ev_start - _epoch(sug["end_date"]))
-            + (_epoch(obs["start_date"]) - ev_end)
-        )
-        row: dict[str, Any] = {
-            "round": k,
-            "skipped": False,
-            "trials": n_round,
-            "slots": len(evs),
-            "ideal_s": ideal,
-            "span_s": obs_end - prev_end,
-            "scheduling_s": hops,
-            "suggest_s": _epoch(sug["end_date"]) - _epoch(sug["start_date"]),
-            "evaluate_s": ev_end - ev_start,
-            "evaluate_overhead_s": (ev_end - ev_start) - ideal if ideal is not None else None,
-            "observe_s": obs_end - _epoch(obs["start_date"]),
-        }
-        row["control_s"] = row["scheduling_s"] + row["suggest_s"] + row["observe_s"]
-        row["overhead_s"] = row["span_s"] - ideal if ideal is not None else None
         rounds.append(row)
-        prev_end = obs_end
+        slots.extend(round_slots)
         k += 1
     run_rounds = [r for r in rounds if not r["skipped"]]
     wall = run_end - trigger_time
@@ -343,6 +317,61 @@ def analyse_run(
     accounted = per_run["total_s"] + sum(r["span_s"] for r in run_rounds)
     result["unaccounted_s"] = wall - accounted  # should be ~0: the parts tile the wall time
     return result
+
+
+def _analyse_round(
+    k: int,
+    by_key: dict[tuple[str, int], dict[str, Any]],
+    by_slot: dict[tuple[int, int], list[Any]],
+    timing_by_trial: dict[int, dict[str, Any]],
+    *,
+    prev_end: float,
+    trial_seconds: float | None,
+    parallelism: int,
+) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """Round ``k`` of a run (after the previous part ended at ``prev_end``): its row, its slots and
+    when it ended. A round whose suggest did not succeed or that mapped no slot is a skipped row."""
+    sug = by_key[(f"round_{k}.suggest", -1)]
+    obs = by_key[(f"round_{k}.observe", -1)]
+    evs = sorted(
+        (ti for (tid, mi), ti in by_key.items() if tid == f"round_{k}.evaluate" and mi >= 0),
+        key=lambda ti: ti["map_index"],
+    )
+    obs_end = _epoch(obs["end_date"]) or _epoch(sug["end_date"])
+    if sug["state"] != "success" or not evs:
+        return (
+            {"round": k, "skipped": True, "span_s": (obs_end or prev_end) - prev_end},
+            [],
+            obs_end or prev_end,
+        )
+    ev_start = min(_epoch(ti["start_date"]) for ti in evs)
+    ev_end = max(_epoch(ti["end_date"]) for ti in evs)
+    round_slots = [analyse_slot(ti, by_slot.get((k, ti["map_index"]), []), timing_by_trial) for ti in evs]
+    for s in round_slots:
+        s["round"] = k
+    n_round = sum(s["trials"] for s in round_slots)
+    ideal = math.ceil(n_round / parallelism) * trial_seconds if trial_seconds else None
+    hops = (
+        (_epoch(sug["start_date"]) - prev_end)
+        + (ev_start - _epoch(sug["end_date"]))
+        + (_epoch(obs["start_date"]) - ev_end)
+    )
+    row: dict[str, Any] = {
+        "round": k,
+        "skipped": False,
+        "trials": n_round,
+        "slots": len(evs),
+        "ideal_s": ideal,
+        "span_s": obs_end - prev_end,
+        "scheduling_s": hops,
+        "suggest_s": _epoch(sug["end_date"]) - _epoch(sug["start_date"]),
+        "evaluate_s": ev_end - ev_start,
+        "evaluate_overhead_s": (ev_end - ev_start) - ideal if ideal is not None else None,
+        "observe_s": obs_end - _epoch(obs["start_date"]),
+    }
+    row["control_s"] = row["scheduling_s"] + row["suggest_s"] + row["observe_s"]
+    row["overhead_s"] = row["span_s"] - ideal if ideal is not None else None
+    return row, round_slots, obs_end
 
 
 def run_ours(
@@ -426,7 +455,6 @@ def airflow_cpu(airflow: Any) -> dict[str, float]:
     worker processes (the scheduler's children, which run the task supervisors), without the task
     processes they fork. Processes that already ended are not counted.
     """
-    import psutil
 
     def used(proc: Any) -> float:
         try:
@@ -560,9 +588,6 @@ def airflow_env_overrides(dags: Path, work: Path, p: int) -> tuple[dict[str, str
 
 def start_airflow(work: Path, dags: Path, env: dict[str, str], pg: Any, p: int) -> Any:
     """Start api-server, scheduler and dag-processor with tests/services.py."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.services import AirflowDeployment
-
     deployment = AirflowDeployment(
         database_url=pg.create_database("bench_airflow"),
         dags_folder=dags,
@@ -590,8 +615,6 @@ def prepare_mlflow(tracking_uri: str) -> None:
 
 def example_conf(quick: bool) -> tuple[dict[str, Any], int]:
     """Trigger conf for the example study and the number of trials it runs."""
-    from hpo_core.spec import load_spec
-
     spec = load_spec(EXAMPLE_STUDY)
     conf: dict[str, Any] = {}
     if spec.worker.trials_per_task == 1:  # the example is meant to run 2 per task
@@ -664,8 +687,8 @@ def parse_shapes(text: str, n: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the orchestration benchmark and write ``orchestration.json``, tables and plots."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of :func:`main`."""
     parser = argparse.ArgumentParser(description="Orchestration efficiency benchmark")
     parser.add_argument("--quick", action="store_true", help=f"8 trials of 2 s, shapes {QUICK_SHAPES}")
     parser.add_argument("--out", help="output root (default bench/out/<timestamp>)")
@@ -685,7 +708,198 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for the Airflow components (an experiment: recorded in the config)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class _Runner:
+    """Runs the contenders of one invocation, one after the other, into one results dict."""
+
+    n: int
+    t: float
+    p: int
+    shapes: list[tuple[int, int]]
+    contenders: list[str]
+    work: Path
+    timing_dir: Path
+    env_common: dict[str, str]
+    airflow_env_extra: list[str]
+    results: dict[str, Any]
+    example: dict[str, Any] = field(default_factory=dict)
+
+    def sample_load(self, what: str) -> None:
+        """Record the load average as ``what`` starts (the machine is shared)."""
+        self.results["load_samples"].append(
+            {"at": what, "time": time.time(), "load_avg": list(os.getloadavg())}
+        )
+
+    def optuna_example(self, tag: str, storage_url: str, n_example: int) -> dict[str, Any]:
+        """Plain Optuna ``n_jobs=P`` on the example study (the reference of the example case)."""
+        p, work = self.p, self.work
+        self.sample_load(tag)
+        log(f"{tag}: plain Optuna n_jobs={p}, the example's {n_example} trials")
+        tracking = f"sqlite:///{work / f'{tag}_mlflow.db'}"
+        prepare_mlflow(tracking)
+        res = run_contender(
+            "optuna_example",
+            MAIN_PYTHON,
+            work,
+            n=n_example,
+            p=p,
+            spec=EXAMPLE_STUDY,
+            storage_url=storage_url,
+            env={**self.env_common, "HPO_BENCH_TIMING_DIR": str(work / "timings_example")},
+            extra=["--tracking-uri", tracking],
+            tag=tag,
+        )
+        log(f"{tag}: {fmt(res.get('wall_s'))} s ({res.get('reason') or 'ok'})")
+        return res
+
+    def write_dags(self) -> Path:
+        """The DAG folder of the Airflow contenders: the warm-up study, one study per shape, the example."""
+        n, t, p = self.n, self.t, self.p
+        dags = self.work / "dags"
+        (dags / "studies").mkdir(parents=True)
+        (dags / "hpo_bench.py").write_text(DAG_FILE)
+        write_study(dags / "studies", n=p, t=t, b=p, k=1, p=p, name=WARMUP_STUDY)
+        if "ours" in self.contenders:
+            for b, k in self.shapes:
+                write_study(dags / "studies", n=n, t=t, b=b, k=k, p=p)
+        if "example" in self.contenders:
+            shutil.copy(EXAMPLE_STUDY, dags / "studies" / EXAMPLE_STUDY.name)
+        return dags
+
+    def airflow_env(self, dags: Path, storage_url: str) -> dict[str, str]:
+        """The Airflow components' environment (the local instance's executor settings), recorded in
+        the config."""
+        work = self.work
+        tracking = f"sqlite:///{work / 'mlflow.db'}"
+        prepare_mlflow(tracking)
+        airflow_env, source = airflow_env_overrides(dags, work, self.p)
+        extra_env = dict(item.split("=", 1) for item in self.airflow_env_extra)
+        airflow_env.update(extra_env)
+        config = self.results["config"]
+        config.update(airflow_settings=airflow_env, airflow_settings_from=source, airflow_env_extra=extra_env)
+        config["executor"] = airflow_env["AIRFLOW__CORE__EXECUTOR"]
+        return {
+            **self.env_common,
+            **airflow_env,
+            "HPO_STORAGE_URL": storage_url,
+            "MLFLOW_TRACKING_URI": tracking,
+            "HPO_ARTIFACT_ROOT": (work / "mlartifacts").as_uri(),
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins")]),
+        }
+
+    def run_on_airflow(self, pg: Any, storage_url: str, conf: dict[str, Any], n_example: int) -> None:
+        """Start one Airflow; run the warm-up, every shape and the example study on it; stop it."""
+        dags = self.write_dags()
+        env = self.airflow_env(dags, storage_url)
+        self.sample_load("airflow start")
+        executor = env["AIRFLOW__CORE__EXECUTOR"]
+        log(f"starting Airflow (api-server, scheduler, dag-processor; {executor})")
+        airflow = start_airflow(self.work, dags, env, pg, self.p)
+        self.results["airflow_startup_s"] = airflow.startup_seconds
+        try:
+            self.warm_up(airflow, storage_url)
+            if "ours" in self.contenders:
+                self.run_shapes(airflow, storage_url)
+            if "example" in self.contenders:
+                self.run_example_pipeline(airflow, storage_url, conf, n_example)
+        finally:
+            airflow.stop()
+
+    def warm_up(self, airflow: Any, storage_url: str) -> None:
+        """The first run after Airflow starts pays one-time costs (connections, the MLflow
+        experiment, first imports in the executor's workers): a small run takes them."""
+        p, t = self.p, self.t
+        self.sample_load("warm-up")
+        log(f"warm-up run: {p} trials of {t:g}s")
+        try:
+            warm = run_ours(
+                airflow,
+                storage_url,
+                f"hpo_{WARMUP_STUDY}",
+                conf=None,
+                n=p,
+                t=t,
+                p=p,
+                timing_dir=self.timing_dir,
+            )
+            self.results["warmup"] = {k: warm[k] for k in ("wall_s", "state", "per_run")}
+        except Exception as e:
+            self.results["warmup"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+
+    def run_shapes(self, airflow: Any, storage_url: str) -> None:
+        """One DAG run per shape (B trials per round, k per task) of N trials of T seconds."""
+        n, t, p = self.n, self.t, self.p
+        for b, k in self.shapes:
+            name = shape_name(b, k)
+            self.sample_load(name)
+            log(f"{name}: {n} trials of {t:g}s")
+            try:
+                res = run_ours(
+                    airflow,
+                    storage_url,
+                    f"hpo_bench_b{b}_k{k}",
+                    conf=None,
+                    n=n,
+                    t=t,
+                    p=p,
+                    timing_dir=self.timing_dir,
+                )
+                res.update(batch_size=b, trials_per_task=k)
+            except Exception as e:
+                log(airflow.logs_tail(["scheduler"]))
+                res = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+            self.results["contenders"][name] = res
+            log(f"{name}: {fmt(res.get('wall_s'))} s, efficiency {fmt(res.get('efficiency'))}")
+
+    def run_example_pipeline(
+        self, airflow: Any, storage_url: str, conf: dict[str, Any], n_example: int
+    ) -> None:
+        """The example study through the pipeline (its real objective, trials and shape)."""
+        self.sample_load("example pipeline")
+        log(f"example: hpo_breast_cancer_gbm, {n_example} trials, conf {conf}")
+        try:
+            self.example["pipeline"] = run_ours(
+                airflow,
+                storage_url,
+                "hpo_breast_cancer_gbm",
+                conf=conf,
+                n=n_example,
+                t=None,
+                p=self.p,
+                timing_dir=None,
+            )
+        except Exception as e:
+            log(airflow.logs_tail(["scheduler"]))
+            self.example["pipeline"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+        log(f"example pipeline: {fmt(self.example['pipeline'].get('wall_s'))} s")
+
+    def run_others(self, storage_url: str, ideal: float) -> None:
+        """Plain Optuna, Ray Tune and Hyperopt on Spark on the same sleeping trials."""
+        n, t, p, work = self.n, self.t, self.p, self.work
+        spec_path = write_study(work, n=n, t=t, b=p, k=1, p=p)
+        for name, python in (("optuna", MAIN_PYTHON), ("ray", BENCH_PYTHON), ("spark", BENCH_PYTHON)):
+            if name not in self.contenders:
+                continue
+            self.sample_load(name)
+            log(f"{name}: {n} trials of {t:g}s at parallelism {p}")
+            res = run_contender(
+                name, python, work, n=n, p=p, spec=spec_path, storage_url=storage_url, env=self.env_common
+            )
+            if res.get("available"):
+                recs = [r for r in read_timings(self.timing_dir) if r["contender"] == name]
+                res.update(slot_utilisation([(r["start"], r["end"]) for r in recs], p))
+                res["objective_runs"] = len(recs)
+                res["efficiency"] = ideal / res["wall_s"]
+            self.results["contenders"][name] = res
+            log(f"{name}: {fmt(res.get('wall_s'))} s ({res.get('reason') or 'ok'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the orchestration benchmark and write ``orchestration.json``, tables and plots."""
+    args = _parse_args(argv)
     started = time.time()
     n = args.trials or (8 if args.quick else 32)
     t = args.seconds or (2.0 if args.quick else 5.0)
@@ -711,157 +925,38 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": {},
         "load_samples": [],
     }
-
-    def sample_load(what: str) -> None:
-        results["load_samples"].append({"at": what, "time": time.time(), "load_avg": list(os.getloadavg())})
-
     env_common = {ENV_SECONDS: str(t), ENV_TIMING_DIR: str(timing_dir)}
     os.environ.update(env_common)
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.services import PostgresServer
-
-    example: dict[str, Any] = {}
+    runner = _Runner(
+        n=n,
+        t=t,
+        p=p,
+        shapes=shapes,
+        contenders=contenders,
+        work=work,
+        timing_dir=timing_dir,
+        env_common=env_common,
+        airflow_env_extra=args.airflow_env,
+        results=results,
+    )
     with PostgresServer() as pg:
         storage_url = pg.create_database("bench_optuna")
         conf, n_example = example_conf(args.quick)
-        example_args = dict(n=n_example, p=p, spec=EXAMPLE_STUDY, storage_url=storage_url)
-        optuna_example_env = {**env_common, "HPO_BENCH_TIMING_DIR": str(work / "timings_example")}
-
-        def optuna_example(tag: str) -> dict[str, Any]:
-            sample_load(tag)
-            log(f"{tag}: plain Optuna n_jobs={p}, the example's {n_example} trials")
-            tracking = f"sqlite:///{work / f'{tag}_mlflow.db'}"
-            prepare_mlflow(tracking)
-            res = run_contender(
-                "optuna_example",
-                MAIN_PYTHON,
-                work,
-                **example_args,
-                env=optuna_example_env,
-                extra=["--tracking-uri", tracking],
-                tag=tag,
-            )
-            log(f"{tag}: {fmt(res.get('wall_s'))} s ({res.get('reason') or 'ok'})")
-            return res
-
         if "example" in contenders:
-            example["optuna_before"] = optuna_example("optuna_example_before")
+            runner.example["optuna_before"] = runner.optuna_example(
+                "optuna_example_before", storage_url, n_example
+            )
         if "ours" in contenders or "example" in contenders:
-            dags = work / "dags"
-            (dags / "studies").mkdir(parents=True)
-            (dags / "hpo_bench.py").write_text(DAG_FILE)
-            write_study(dags / "studies", n=p, t=t, b=p, k=1, p=p, name=WARMUP_STUDY)
-            if "ours" in contenders:
-                for b, k in shapes:
-                    write_study(dags / "studies", n=n, t=t, b=b, k=k, p=p)
-            if "example" in contenders:
-                shutil.copy(EXAMPLE_STUDY, dags / "studies" / EXAMPLE_STUDY.name)
-            tracking = f"sqlite:///{work / 'mlflow.db'}"
-            prepare_mlflow(tracking)
-            airflow_env, source = airflow_env_overrides(dags, work, p)
-            extra_env = dict(item.split("=", 1) for item in args.airflow_env)
-            airflow_env.update(extra_env)
-            results["config"].update(
-                airflow_settings=airflow_env, airflow_settings_from=source, airflow_env_extra=extra_env
-            )
-            results["config"]["executor"] = airflow_env["AIRFLOW__CORE__EXECUTOR"]
-            env = {
-                **env_common,
-                **airflow_env,
-                "HPO_STORAGE_URL": storage_url,
-                "MLFLOW_TRACKING_URI": tracking,
-                "HPO_ARTIFACT_ROOT": (work / "mlartifacts").as_uri(),
-                "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins")]),
-            }
-            sample_load("airflow start")
-            executor = airflow_env["AIRFLOW__CORE__EXECUTOR"]
-            log(f"starting Airflow (api-server, scheduler, dag-processor; {executor})")
-            airflow = start_airflow(work, dags, env, pg, p)
-            results["airflow_startup_s"] = airflow.startup_seconds
-            try:
-                # The first run after Airflow starts pays one-time costs (connections, the MLflow
-                # experiment, first imports in the executor's workers): a small run takes them.
-                sample_load("warm-up")
-                log(f"warm-up run: {p} trials of {t:g}s")
-                try:
-                    warm = run_ours(
-                        airflow,
-                        storage_url,
-                        f"hpo_{WARMUP_STUDY}",
-                        conf=None,
-                        n=p,
-                        t=t,
-                        p=p,
-                        timing_dir=timing_dir,
-                    )
-                    results["warmup"] = {k: warm[k] for k in ("wall_s", "state", "per_run")}
-                except Exception as e:
-                    results["warmup"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-                if "ours" in contenders:
-                    for b, k in shapes:
-                        name = shape_name(b, k)
-                        sample_load(name)
-                        log(f"{name}: {n} trials of {t:g}s")
-                        try:
-                            res = run_ours(
-                                airflow,
-                                storage_url,
-                                f"hpo_bench_b{b}_k{k}",
-                                conf=None,
-                                n=n,
-                                t=t,
-                                p=p,
-                                timing_dir=timing_dir,
-                            )
-                            res.update(batch_size=b, trials_per_task=k)
-                        except Exception as e:
-                            log(airflow.logs_tail(["scheduler"]))
-                            res = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-                        results["contenders"][name] = res
-                        log(f"{name}: {fmt(res.get('wall_s'))} s, efficiency {fmt(res.get('efficiency'))}")
-                if "example" in contenders:
-                    sample_load("example pipeline")
-                    log(f"example: hpo_breast_cancer_gbm, {n_example} trials, conf {conf}")
-                    try:
-                        example["pipeline"] = run_ours(
-                            airflow,
-                            storage_url,
-                            "hpo_breast_cancer_gbm",
-                            conf=conf,
-                            n=n_example,
-                            t=None,
-                            p=p,
-                            timing_dir=None,
-                        )
-                    except Exception as e:
-                        log(airflow.logs_tail(["scheduler"]))
-                        example["pipeline"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-                    log(f"example pipeline: {fmt(example['pipeline'].get('wall_s'))} s")
-            finally:
-                airflow.stop()
+            runner.run_on_airflow(pg, storage_url, conf, n_example)
         if "example" in contenders:
-            example["optuna_after"] = optuna_example("optuna_example_after")
-        spec_path = write_study(work, n=n, t=t, b=p, k=1, p=p)
-        for name, python in (("optuna", MAIN_PYTHON), ("ray", BENCH_PYTHON), ("spark", BENCH_PYTHON)):
-            if name not in contenders:
-                continue
-            sample_load(name)
-            log(f"{name}: {n} trials of {t:g}s at parallelism {p}")
-            res = run_contender(
-                name, python, work, n=n, p=p, spec=spec_path, storage_url=storage_url, env=env_common
+            runner.example["optuna_after"] = runner.optuna_example(
+                "optuna_example_after", storage_url, n_example
             )
-            if res.get("available"):
-                recs = [r for r in read_timings(timing_dir) if r["contender"] == name]
-                res.update(slot_utilisation([(r["start"], r["end"]) for r in recs], p))
-                res["objective_runs"] = len(recs)
-                res["efficiency"] = ideal / res["wall_s"]
-            results["contenders"][name] = res
-            log(f"{name}: {fmt(res.get('wall_s'))} s ({res.get('reason') or 'ok'})")
-    sample_load("end")
-    if example:
-        example.update(conf=conf, trials=n_example, study=str(EXAMPLE_STUDY.relative_to(REPO_ROOT)))
-        results["example"] = example
+        runner.run_others(storage_url, ideal)
+    runner.sample_load("end")
+    if runner.example:
+        runner.example.update(conf=conf, trials=n_example, study=str(EXAMPLE_STUDY.relative_to(REPO_ROOT)))
+        results["example"] = runner.example
     results["machine_end"] = machine_info()
     results["duration_s"] = time.time() - started
     results["summary"] = summarise(results)

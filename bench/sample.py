@@ -20,10 +20,13 @@ Runs in ``.venv-bench``: ``bench/run.sh sample [--quick]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import logging
 import math
 import multiprocessing
 import os
+import random
 import re
 import statistics
 import sys
@@ -34,7 +37,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import fmt, log, machine_info, output_dir, pyplot, quantiles, savefig, table, write_json
+from hpo_core.keys import StudyAttr
+from hpo_core.samplers import build_sampler
+from hpo_core.space import sample_params, space_size
+from hpo_core.spec import validate_mapping
+from hpo_core.study.config import RunConfig
 
 TARGET_RATIO = 1.10
 TARGET_BATCH = 8
@@ -160,8 +170,6 @@ def problem(name: str, seed: int) -> tuple[Callable[[dict[str, Any]], float], di
 
 def make_spec(space: dict[str, Any], *, seed: int, budget: int, batch: int, liar: bool = True) -> Any:
     """A StudySpec for ``space`` with the pipeline's defaults (TPE, constant liar unless told)."""
-    from hpo_core.spec import validate_mapping
-
     return validate_mapping(
         {
             "name": "bench_sample",
@@ -182,8 +190,6 @@ def run_ours(
     """The pipeline's rounds: fresh sampler per round, B distinct asks, evaluate, tell."""
     import optuna
 
-    from hpo_core.samplers import build_sampler
-    from hpo_core.space import space_size
     from hpo_core.study.suggest import _ask_distinct, _key
 
     storage = optuna.storages.InMemoryStorage()
@@ -216,9 +222,6 @@ def run_seq_tpe(
     """Plain Optuna TPE, sequential, one sampler for the whole study."""
     import optuna
 
-    from hpo_core.samplers import build_sampler
-    from hpo_core.space import sample_params
-
     study = optuna.create_study(sampler=build_sampler(spec, seed=seed), direction="minimize")
     values = []
     for _ in range(budget):
@@ -234,8 +237,6 @@ def run_random(
 ) -> list[float]:
     """Random search (the floor)."""
     import optuna
-
-    from hpo_core.space import sample_params
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="minimize")
     values = []
@@ -277,7 +278,6 @@ def run_hyperopt(
     evaluate: Callable[[dict[str, Any]], float], space: dict[str, Any], *, seed: int, budget: int, batch: int
 ) -> list[float]:
     """Hyperopt TPE with ``max_queue_len=batch`` (n_startup_jobs matched to Optuna's)."""
-    import numpy as np
     from hyperopt import STATUS_OK, Trials, fmin, tpe
 
     ints = {n for n, p in space.items() if p["type"] == "int"}
@@ -307,8 +307,6 @@ def run_hyperopt(
 
 def run_one(task: tuple[str, str, int, int, int]) -> dict[str, Any]:
     """One (problem, method, batch, seed, budget) run; returns the best-so-far curve."""
-    import logging
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -347,13 +345,9 @@ def run_one(task: tuple[str, str, int, int, int]) -> dict[str, Any]:
 
 def verify_engine_parity(seed: int = 3, batch: int = 4, budget: int = 12) -> dict[str, Any]:
     """Check that :func:`run_ours` asks exactly what ``suggest_batch`` asks (SQLite storage)."""
-    import dataclasses
-
     import optuna
 
-    from hpo_core.keys import StudyAttr
     from hpo_core.storage import open_storage
-    from hpo_core.study.config import RunConfig
     from hpo_core.study.suggest import suggest_batch
 
     evaluate, space, _ = problem("bbob_f8_d2", seed)
@@ -451,8 +445,6 @@ def bootstrap_ci(
     Paired per seed: a replicate draws the seeds with replacement once and uses the same draw for
     both methods of every problem, so a hard seed is hard for both sides of each ratio.
     """
-    import random
-
     by_key: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
     for r in runs:
         by_key[(r["problem"], r["method"], r["batch"])][r["seed"]] = r["regret"]
@@ -660,8 +652,6 @@ def plot(results: dict[str, Any], out: Path) -> None:
     ax.set_title(f"equal budget {cfg['budget']}, geometric mean over {len(cfg['problems'])} problems")
     ax.legend(fontsize=8)
     savefig(fig, out / "sample_ratio_vs_batch.png")
-    import numpy as np
-
     grid = np.array([[summary["ratios"][f"ours|{b}"][p] for b in cfg["batches"]] for p in cfg["problems"]])
     fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(cfg["problems"]) + 1.5))
     im = ax.imshow(np.log2(grid), cmap="RdBu_r", vmin=-2, vmax=2, aspect="auto")

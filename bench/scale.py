@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import math
 import os
+import pstats
 import random
 import shutil
 import statistics
@@ -26,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench.common import (
     MAIN_PYTHON,
@@ -39,6 +43,11 @@ from bench.common import (
     table,
     write_json,
 )
+from hpo_core.deployment import Deployment
+from hpo_core.keys import StudyAttr
+from hpo_core.space import sample_params
+from hpo_core.spec import validate_mapping
+from tests.services import PostgresServer
 
 TARGET_SUGGEST_S = 1.0
 EXAMPLE_STUDY = REPO_ROOT / "dags" / "studies" / "breast_cancer_gbm.yaml"
@@ -102,10 +111,6 @@ def probe(args: list[str], env: dict[str, str], log_path: Path, timeout: float =
 
 def _scale_spec() -> Any:
     """The example study with a budget that lets rounds of 32 go on past 10,000 trials."""
-    import yaml
-
-    from hpo_core.spec import validate_mapping
-
     example = yaml.safe_load(EXAMPLE_STUDY.read_text())
     # Only the search problem comes from the example; budget, stopping and MLflow are the benchmark's.
     raw = {
@@ -136,8 +141,6 @@ def bulk_insert(
     from optuna.distributions import distribution_to_json
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
-
-    from hpo_core.space import sample_params
 
     sampler_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=rng.randrange(1 << 30)))
     now = dt.datetime.now()
@@ -197,8 +200,6 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
     """Grow a study to each size and time one cold-process suggest of 32 there."""
     import optuna
 
-    from hpo_core.deployment import Deployment
-    from hpo_core.keys import StudyAttr
     from hpo_core.storage import open_storage
     from hpo_core.study.start import start_study
 
@@ -222,14 +223,7 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
     round_number = 10**6  # rounds of the probes, clear of the inserted trials' round numbers
     for size in sizes:
         t0 = time.perf_counter()
-        while have < size:
-            chunk = min(1000, size - have)
-            n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
-            bulk_insert(storage, study_id, spec, start_number=n_existing, count=chunk, rng=rng)
-            have += chunk
-            stored = len(storage.get_all_trials(study_id, deepcopy=False))
-            if stored != n_existing + chunk:
-                raise RuntimeError(f"bulk insert: expected {n_existing + chunk} trials, storage has {stored}")
+        have = _grow(storage, study_id, spec, have=have, size=size, rng=rng)
         log(f"suggest: {size} finished trials (insert {time.perf_counter() - t0:.1f}s)")
         results = {}
         modes = ("plain", "snapshot", "profiled") if size == sizes[-1] else ("plain", "snapshot")
@@ -253,29 +247,44 @@ def suggest_latency(pg: Any, work: Path, sizes: list[int], logp: Path) -> dict[s
                 )
                 study.tell(number, _synthetic_value(frozen.params))
                 have += 1
-        plain, prof = results["plain"], results.get("profiled", {})
-        snap = results["snapshot"]
-        row: dict[str, Any] = {
-            "finished_trials": size,
-            **{f"plain_{k}": v for k, v in plain.items() if k != "trial_numbers"},
-        }
-        row["split_s"] = plain.get("split_s")
-        row["storage_calls"] = plain.get("calls")
-        row["profiled_suggest_s"] = prof.get("suggest_s")
-        row["snapshot_suggest_s"] = snap.get("suggest_s")
-        row["snapshot_split_s"] = snap.get("split_s")
-        if "error" in plain:
-            row["error"] = plain["error"]
-        rows.append(row)
+        rows.append(_suggest_row(size, results))
     pstats_top = _top_functions(work / f"suggest_{sizes[-1]}.prof")
     return {"rows": rows, "profile_top": pstats_top, "study": name}
 
 
+def _grow(storage: Any, study_id: int, spec: Any, *, have: int, size: int, rng: random.Random) -> int:
+    """Bulk insert finished trials, 1,000 at a time, until the study has ``size``; return the new count."""
+    while have < size:
+        chunk = min(1000, size - have)
+        n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
+        bulk_insert(storage, study_id, spec, start_number=n_existing, count=chunk, rng=rng)
+        have += chunk
+        stored = len(storage.get_all_trials(study_id, deepcopy=False))
+        if stored != n_existing + chunk:
+            raise RuntimeError(f"bulk insert: expected {n_existing + chunk} trials, storage has {stored}")
+    return have
+
+
+def _suggest_row(size: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One row of the suggest table from the probes (plain, snapshot, maybe profiled) at one size."""
+    plain, prof = results["plain"], results.get("profiled", {})
+    snap = results["snapshot"]
+    row: dict[str, Any] = {
+        "finished_trials": size,
+        **{f"plain_{k}": v for k, v in plain.items() if k != "trial_numbers"},
+    }
+    row["split_s"] = plain.get("split_s")
+    row["storage_calls"] = plain.get("calls")
+    row["profiled_suggest_s"] = prof.get("suggest_s")
+    row["snapshot_suggest_s"] = snap.get("suggest_s")
+    row["snapshot_split_s"] = snap.get("split_s")
+    if "error" in plain:
+        row["error"] = plain["error"]
+    return row
+
+
 def _top_functions(path: Path, n: int = 25) -> str:
     """The top of a cProfile dump by cumulative time, as text."""
-    import io
-    import pstats
-
     if not path.exists():
         return ""
     buf = io.StringIO()
@@ -479,9 +488,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine_start": machine_info(),
         "config": {"sizes": sizes, "counts": counts, "widths": widths},
     }
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.services import PostgresServer
-
     with PostgresServer() as pg:
         if "suggest" in parts:
             results["suggest"] = suggest_latency(pg, work, sizes, logp)
