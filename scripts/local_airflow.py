@@ -50,6 +50,12 @@ from urllib.parse import quote
 
 import psutil
 import requests
+import yaml
+
+from hpo_core.deployment import Deployment
+from hpo_core.errors import StudySpecError
+from hpo_core.spec import load_spec
+from hpo_core.study.config import study_name_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -251,8 +257,6 @@ _MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
 
 def _study_files(settings: LocalSettings) -> list[dict[str, Any]]:
     """The study files' raw contents (unvalidated; a broken file is skipped here)."""
-    import yaml
-
     found: list[dict[str, Any]] = []
     for path in sorted((settings.dags_folder / "studies").glob("*.y*ml")):
         with contextlib.suppress(OSError, yaml.YAMLError):
@@ -998,7 +1002,6 @@ class StudyWatcher:
     """Reads a run's trials from the Optuna storage (read only) once its ``start`` task succeeded."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
-        from hpo_core.deployment import Deployment
         from hpo_core.study.state import load_run
 
         loaded = load_run(Deployment.from_env({"HPO_STORAGE_URL": storage_url}), study_name)
@@ -1142,10 +1145,6 @@ def _study_name(airflow: LocalAirflow, dag_id: str, run_id: str) -> str | None:
             value = json.loads(value)
     if isinstance(value, dict) and value.get("study_name"):
         return str(value["study_name"])
-    from hpo_core.errors import StudySpecError
-    from hpo_core.spec import load_spec
-    from hpo_core.study.config import study_name_for
-
     for path in sorted((airflow.settings.dags_folder / "studies").glob("*.y*ml")):
         with contextlib.suppress(StudySpecError):
             spec = load_spec(path)
@@ -1212,18 +1211,11 @@ def _print_summary(study_name: str | None, dag_id: str) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the local Airflow, run ``dag_id`` with ``conf``, show progress and the summary, stop."""
-    try:
-        conf = json.loads(args.conf) if args.conf else {}
-    except ValueError as e:
-        print(f"error: the trigger conf is not JSON: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(conf, dict):
-        print("error: the trigger conf must be a JSON object", file=sys.stderr)
+    conf = _trigger_conf(args.conf)
+    if conf is None:
         return 2
     settings = LocalSettings.from_env()
     os.environ["HPO_HOME"] = str(settings.hpo_home)
-    from hpo_core.deployment import Deployment
-
     storage_url = Deployment.from_env().storage_url
     airflow = LocalAirflow(settings)
     timings = airflow.timings
@@ -1231,26 +1223,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = 1
     with interrupts():
         try:
-            since = time.time()
-            airflow.start(mode="ui" if args.keep_ui else "run")
-            if airflow.attached:
-                since = time.time()
-                with contextlib.suppress(Exception):
-                    dag = airflow.api.dag(args.dag_id)
-                    if dag:
-                        airflow.request_parse(dag)
-            if not airflow.attached:
-                airflow.note_unfinished_runs()
-            airflow.wait_for_dag(args.dag_id, since=since)
-            timings.mark("dag parsed")
+            _start_for(airflow, args.dag_id, keep_ui=args.keep_ui)
             run_id = airflow.trigger(args.dag_id, conf)
             timings.mark("triggered")
-            airflow.say(
-                f"Airflow ready in {timings.marks['dag parsed']:.1f}s; triggered {args.dag_id} run {run_id}"
-                + (f" with conf {json.dumps(conf)}" if conf else "")
-                + f"\n  UI: {airflow.settings.api_url}/dags/{args.dag_id}/runs/{quote(run_id, safe='')}"
-                + f"  logs: {settings.logs_dir}/"
-            )
+            _say_triggered(airflow, args.dag_id, run_id, conf, settings.logs_dir)
             result = watch_run(
                 airflow, args.dag_id, run_id, storage_url=storage_url, printer=ProgressPrinter(sys.stdout)
             )
@@ -1260,28 +1236,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"The study run failed; logs are in {settings.logs_dir}", file=sys.stderr)
                 code = 1
             else:
-                red = [t for t in result.task_instances if t.get("state") == "failed"]
-                if red:
-                    airflow.say(f"{len(red)} trial task(s) failed; see the grid or {settings.logs_dir}/")
-                if not args.keep_ui and not airflow.attached:
-                    # Stop the components while the summary loads MLflow (both take seconds).
-                    terminate_all([c for c in airflow.components.values() if c.name not in STOPPED_LAST])
-                code = _print_summary(result.study_name, args.dag_id)
+                code = _run_succeeded(airflow, result, args.dag_id, settings.logs_dir, keep_ui=args.keep_ui)
                 timings.mark("summary")
             if args.keep_ui and not airflow.attached:
-                airflow.say(_timings_text(timings))
-                mlflow_url = airflow.start_mlflow_ui(int(os.environ.get(ENV_MLFLOW_PORT) or 5000))
-                airflow.say(_urls(airflow, mlflow_url) + "\nPress Ctrl-C to stop.")
-                _wait_forever(airflow)
+                _keep_ui_up(airflow)
         except Interrupted as e:
             with shielded():
-                print(f"\nInterrupted ({e}).", file=sys.stderr)
-                if run_id is not None and "run ended" not in timings.marks:
-                    with contextlib.suppress(Exception):
-                        if airflow.run_state(args.dag_id, run_id) not in TERMINAL_RUN_STATES:
-                            airflow.fail_run(args.dag_id, run_id)
-                            print(f"Marked run {run_id} failed.", file=sys.stderr)
-                code = 130 if "run ended" not in timings.marks else code
+                code = _interrupted(airflow, args.dag_id, run_id, e, code)
         except LocalAirflowError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             code = 1
@@ -1294,6 +1255,81 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "run ended" in timings.marks and not args.keep_ui:
         airflow.say(_timings_text(timings))
     return code
+
+
+def _trigger_conf(text: str) -> dict[str, Any] | None:
+    """The trigger conf given on the command line (``{}`` when none); ``None`` after saying why it is bad."""
+    try:
+        conf = json.loads(text) if text else {}
+    except ValueError as e:
+        print(f"error: the trigger conf is not JSON: {e}", file=sys.stderr)
+        return None
+    if not isinstance(conf, dict):
+        print("error: the trigger conf must be a JSON object", file=sys.stderr)
+        return None
+    return conf
+
+
+def _start_for(airflow: LocalAirflow, dag_id: str, *, keep_ui: bool) -> None:
+    """Start the instance (or attach to the one running) and wait until it has parsed ``dag_id``."""
+    since = time.time()
+    airflow.start(mode="ui" if keep_ui else "run")
+    if airflow.attached:
+        since = time.time()
+        with contextlib.suppress(Exception):
+            dag = airflow.api.dag(dag_id)
+            if dag:
+                airflow.request_parse(dag)
+    if not airflow.attached:
+        airflow.note_unfinished_runs()
+    airflow.wait_for_dag(dag_id, since=since)
+    airflow.timings.mark("dag parsed")
+
+
+def _say_triggered(
+    airflow: LocalAirflow, dag_id: str, run_id: str, conf: Mapping[str, Any], logs_dir: Path
+) -> None:
+    """Say that the instance is ready and the run triggered, with its UI page and its logs folder."""
+    airflow.say(
+        f"Airflow ready in {airflow.timings.marks['dag parsed']:.1f}s; triggered {dag_id} run {run_id}"
+        + (f" with conf {json.dumps(conf)}" if conf else "")
+        + f"\n  UI: {airflow.settings.api_url}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+        + f"  logs: {logs_dir}/"
+    )
+
+
+def _run_succeeded(
+    airflow: LocalAirflow, result: RunResult, dag_id: str, logs_dir: Path, *, keep_ui: bool
+) -> int:
+    """Point at failed trial tasks, then print the study's summary; return the summary's exit code."""
+    red = [t for t in result.task_instances if t.get("state") == "failed"]
+    if red:
+        airflow.say(f"{len(red)} trial task(s) failed; see the grid or {logs_dir}/")
+    if not keep_ui and not airflow.attached:
+        # Stop the components while the summary loads MLflow (both take seconds).
+        terminate_all([c for c in airflow.components.values() if c.name not in STOPPED_LAST])
+    return _print_summary(result.study_name, dag_id)
+
+
+def _keep_ui_up(airflow: LocalAirflow) -> None:
+    """``run --keep-ui``: after the run, start the MLflow UI and keep both up until Ctrl-C."""
+    airflow.say(_timings_text(airflow.timings))
+    mlflow_url = airflow.start_mlflow_ui(int(os.environ.get(ENV_MLFLOW_PORT) or 5000))
+    airflow.say(_urls(airflow, mlflow_url) + "\nPress Ctrl-C to stop.")
+    _wait_forever(airflow)
+
+
+def _interrupted(
+    airflow: LocalAirflow, dag_id: str, run_id: str | None, error: Interrupted, code: int
+) -> int:
+    """Ctrl-C (or a signal): mark the run failed if it has not ended; return the exit code."""
+    print(f"\nInterrupted ({error}).", file=sys.stderr)
+    if run_id is not None and "run ended" not in airflow.timings.marks:
+        with contextlib.suppress(Exception):
+            if airflow.run_state(dag_id, run_id) not in TERMINAL_RUN_STATES:
+                airflow.fail_run(dag_id, run_id)
+                print(f"Marked run {run_id} failed.", file=sys.stderr)
+    return 130 if "run ended" not in airflow.timings.marks else code
 
 
 def _timings_text(timings: Timings) -> str:
