@@ -593,7 +593,9 @@ class MLflowServer(_Service):
         started = time.monotonic()
         self.port = free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**_clean_environ(), **self.s3.env()}
+        # The server's job runner (huey consumers polling in ~7 processes) serves MLflow features the
+        # pipeline does not use; off, it leaves the 2 cores to the tests.
+        env = {**_clean_environ(), **self.s3.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         argv = [
             _bin("mlflow"), "server",
             "--backend-store-uri", self.backend_store_uri,
