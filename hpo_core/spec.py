@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from hpo_core.errors import StudySpecError
@@ -164,16 +165,41 @@ def _check_range(low: float, high: float, log: bool, step: float | None) -> None
             raise _at("step", step, "cannot be combined with 'log: true'; remove one of them")
 
 
+#: Marks a sampler option that a trigger may override (the ``sampler_options`` of the trigger form).
+_TRIGGER: JsonDict = {"trigger": True}
+
+
 class SamplerSpec(_Frozen):
-    """Which sampler suggests the trials (a name of :data:`hpo_core.samplers.SAMPLERS`), with its options."""
+    """Which sampler suggests the trials (a name of :data:`hpo_core.samplers.SAMPLERS`), with its options.
+
+    An option whose field carries ``json_schema_extra=_TRIGGER`` may be overridden per run from the
+    trigger form (:meth:`trigger_options`); the others are fixed by the study file.
+    """
 
     type: str = "tpe"
     seed: int | None = None
-    multivariate: bool = False
-    constant_liar: bool = True
-    n_startup_trials: int | None = Field(default=None, ge=0)
-    population_size: int | None = Field(default=None, ge=2)
+    multivariate: bool = Field(default=False, json_schema_extra=_TRIGGER)
+    constant_liar: bool = Field(default=True, json_schema_extra=_TRIGGER)
+    n_startup_trials: int | None = Field(default=None, ge=0, le=10_000, json_schema_extra=_TRIGGER)
+    population_size: int | None = Field(default=None, ge=2, le=10_000, json_schema_extra=_TRIGGER)
     qmc_type: Literal["sobol", "halton"] = "sobol"
+
+    @classmethod
+    def trigger_options(cls) -> dict[str, dict[str, Any]]:
+        """The options a trigger may override, each with its JSON schema (for the trigger form)."""
+        properties = cls.model_json_schema()["properties"]
+        out: dict[str, dict[str, Any]] = {}
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("trigger"):
+                schema = dict(properties[name])
+                # ``int | None``: a trigger gives a number or leaves the option out.
+                given = [s for s in schema.pop("anyOf", []) if s.get("type") != "null"]
+                schema.update(given[0] if len(given) == 1 else {})
+                for key in ("trigger", "title", "default"):
+                    schema.pop(key, None)
+                out[name] = schema
+        return out
 
     @field_validator("type")
     @classmethod

@@ -19,10 +19,7 @@ if TYPE_CHECKING:
 
     from hpo_core.spec import StudySpec
 
-__all__ = ["SAMPLERS", "SAMPLER_OPTION_KEYS", "SamplerInfo", "build_sampler"]
-
-#: Sampler options a trigger may override (the Params form); the rest is fixed by the spec.
-SAMPLER_OPTION_KEYS = ("multivariate", "constant_liar", "n_startup_trials", "population_size")
+__all__ = ["SAMPLERS", "SamplerInfo", "build_sampler"]
 
 
 @dataclass(frozen=True)

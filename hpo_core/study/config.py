@@ -15,8 +15,7 @@ from typing import Any
 
 from hpo_core.errors import StudySpecError
 from hpo_core.keys import StudyAttr
-from hpo_core.samplers import SAMPLER_OPTION_KEYS
-from hpo_core.spec import StudySpec
+from hpo_core.spec import SamplerSpec, StudySpec
 
 __all__ = ["RunConfig", "run_bounds", "slot_of", "slot_sizes", "study_name_for"]
 
@@ -60,11 +59,11 @@ class RunConfig:
         batch_size = int(o.get("batch_size") or spec.budget.batch_size)
         per_task = int(o.get("trials_per_task") or spec.worker.trials_per_task)
         options = dict(o.get("sampler_options") or {})
-        unknown = sorted(set(options) - set(SAMPLER_OPTION_KEYS))
+        allowed = list(SamplerSpec.trigger_options())
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise StudySpecError(
-                f"{spec.dag_id}: params.sampler_options: unknown option(s) {unknown}; "
-                f"allowed: {list(SAMPLER_OPTION_KEYS)}"
+                f"{spec.dag_id}: params.sampler_options: unknown option(s) {unknown}; allowed: {allowed}"
             )
         low, high = bounds["batch_size"]
         if not low <= batch_size <= high:

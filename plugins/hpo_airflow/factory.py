@@ -19,7 +19,7 @@ from airflow.sdk.exceptions import AirflowTimetableInvalid
 from hpo_airflow import alerts, tasks
 from hpo_airflow.backends import backend_for
 from hpo_core.errors import StudySpecError
-from hpo_core.spec import StudySpec
+from hpo_core.spec import SamplerSpec, StudySpec
 from hpo_core.study.config import run_bounds
 
 __all__ = ["build_study_dag", "study_params"]
@@ -79,12 +79,7 @@ def study_params(spec: StudySpec) -> dict[str, Param]:
             type="object",
             title="Sampler options",
             description="Overrides of the spec's sampler options.",
-            properties={
-                "multivariate": {"type": "boolean"},
-                "constant_liar": {"type": "boolean"},
-                "n_startup_trials": {"type": "integer", "minimum": 0, "maximum": 10_000},
-                "population_size": {"type": "integer", "minimum": 2, "maximum": 10_000},
-            },
+            properties=SamplerSpec.trigger_options(),
             additionalProperties=False,
         ),
     }
