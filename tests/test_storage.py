@@ -17,6 +17,7 @@ import sqlalchemy
 from hpo_core import cli
 from hpo_core.errors import StorageConfigError
 from hpo_core.storage import TrialClaim, open_storage, upgrade_schema
+from hpo_core.storage import trials as stored
 from tests.services import PostgresServer, database_name
 
 pytestmark = pytest.mark.slow
@@ -118,3 +119,42 @@ def test_trial_claim_is_exclusive_and_dies_with_its_holder(
     assert all(claim.held for claim in claims)
     for claim in claims:
         claim.release()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_lean_trial_read_matches_optunas_full_read(
+    backend: str, create_database: Callable[[str], str], tmp_path: Path
+) -> None:
+    """``read_trials`` gives Optuna's own trials (values, params, attributes), or the asked subset."""
+    url = create_database("hpo_lean") if backend == "postgresql" else f"sqlite:///{tmp_path / 'lean.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(storage=storage, study_name="lean", directions=["minimize", "maximize"])
+    for i in range(6):
+        trial = study.ask()
+        trial.suggest_float("x", 0.1, 10.0, log=True)
+        trial.suggest_categorical("kind", ["a", None, 3])
+        trial.set_user_attr("hpo.round", i // 2)
+        trial.set_user_attr("hpo.worker", {"host": "h", "pid": i})
+        storage.set_trial_system_attr(trial._trial_id, "sampler:state", [i, "s"])
+        if i == 1:  # intermediate values (Trial.report is for one objective: the storage directly)
+            storage.set_trial_intermediate_value(trial._trial_id, 0, float("inf"))
+            storage.set_trial_intermediate_value(trial._trial_id, 1, 0.5)
+        if i < 4:
+            study.tell(trial, [float(i), float("-inf") if i == 2 else i / 2])
+        elif i == 4:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    full = stored.read_trials(study, system_attrs=True, intermediate_values=True)
+    reference = study.get_trials(deepcopy=False)
+
+    def facts(t: optuna.trial.FrozenTrial) -> tuple[object, ...]:
+        return (
+            t.number, t._trial_id, t.state, t.values, t.params, t.distributions, t.user_attrs,
+            t.system_attrs, t.intermediate_values, t.datetime_start, t.datetime_complete,
+        )  # fmt: skip
+
+    assert [facts(t) for t in full] == [facts(t) for t in reference]
+    lean = stored.read_trials(study, user_attrs=["hpo.round"], states=[optuna.trial.TrialState.COMPLETE])
+    assert [t.number for t in lean] == [0, 1, 2, 3]
+    assert [t.user_attrs for t in lean] == [{"hpo.round": r} for r in (0, 0, 1, 1)]
+    assert all(t.system_attrs == {} and t.intermediate_values == {} for t in lean)
+    assert [t.values for t in lean] == [t.values for t in reference[:4]]
