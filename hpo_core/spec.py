@@ -165,6 +165,9 @@ def _check_range(low: float, high: float, log: bool, step: float | None) -> None
             raise _at("step", step, "cannot be combined with 'log: true'; remove one of them")
 
 
+#: Default of ``sampler.history_limit``: below it a sampler sees the whole study.
+DEFAULT_HISTORY_LIMIT = 500
+MIN_HISTORY_LIMIT = 50
 #: Marks a sampler option that a trigger may override (the ``sampler_options`` of the trigger form).
 _TRIGGER: JsonDict = {"trigger": True}
 
@@ -183,6 +186,27 @@ class SamplerSpec(_Frozen):
     n_startup_trials: int | None = Field(default=None, ge=0, le=10_000, json_schema_extra=_TRIGGER)
     population_size: int | None = Field(default=None, ge=2, le=10_000, json_schema_extra=_TRIGGER)
     qmc_type: Literal["sobol", "halton"] = "sobol"
+    #: What the constant liar says a running trial scored (TPE): ``mean`` of the complete trials, or
+    #: ``worst`` (Optuna's own liar: running trials join the bad group).
+    lie: Literal["mean", "worst"] = "mean"
+    #: K: the most finished trials a model-based sampler (tpe, gp, cmaes, nsga2) fits on per ask; on a
+    #: larger study it sees the best K/10 and the most recent of the rest (null: every trial).
+    history_limit: int | None = DEFAULT_HISTORY_LIMIT
+
+    @model_validator(mode="after")
+    def _history(self) -> SamplerSpec:
+        k = self.history_limit
+        if k is None:
+            return self
+        floor = max(MIN_HISTORY_LIMIT, 2 * (self.population_size or 0), 2 * (self.n_startup_trials or 0))
+        if isinstance(k, bool) or k < floor:
+            raise _at(
+                "history_limit",
+                k,
+                f"must be at least {floor} (the sampler needs its startup trials and two generations "
+                "in view); raise it, or use null to let the sampler see every trial",
+            )
+        return self
 
     @classmethod
     def trigger_options(cls) -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 
 from hpo_core.errors import StudySpecError
+from hpo_core.samplers.mean_liar import MeanLiarTPESampler
 from hpo_core.space import grid_search_space
 from hpo_core.spec import SamplerSpec, StudySpec
 
@@ -18,7 +19,8 @@ def build(
     startup = cfg.n_startup_trials
     kind = cfg.type
     if kind == "tpe":
-        return optuna.samplers.TPESampler(
+        tpe = MeanLiarTPESampler if cfg.constant_liar and cfg.lie == "mean" else optuna.samplers.TPESampler
+        return tpe(
             seed=round_seed,
             multivariate=cfg.multivariate,
             constant_liar=cfg.constant_liar,
