@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import json
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 import pytest
@@ -11,16 +16,19 @@ from optuna.trial import TrialState
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudySpecError
 from hpo_core.keys import TrialAttr
-from hpo_core.space import check_params
+from hpo_core.samplers import build_sampler
+from hpo_core.space import check_params, sample_params
+from hpo_core.storage import open_storage
+from hpo_core.study import suggest as suggest_module
 from hpo_core.study.accounting import count_trials
+from hpo_core.study.config import RunConfig
+from hpo_core.study.start import start_study
 from hpo_core.study.suggest import suggest_batch
 from tests.fixtures_core import make_spec
 
 
 def _suggest(deployment: Deployment, name: str, round_number: int) -> tuple[list[dict], str | None]:
-    return suggest_batch(
-        deployment=deployment, study_name=name, round_number=round_number
-    )
+    return suggest_batch(deployment=deployment, study_name=name, round_number=round_number)
 
 
 def test_batch_has_requested_size_and_distinct_configs(
@@ -144,3 +152,84 @@ def test_overrides_out_of_bounds_are_refused(start_toy_study: Callable[..., str]
         start_toy_study(overrides={"n_trials": 13})
     with pytest.raises(StudySpecError, match=r"unknown option\(s\) \['liar'\]"):
         start_toy_study(overrides={"sampler_options": {"liar": True}})
+
+
+def _pg_deployment(local_deployment: Deployment, create_database: Callable[[str], str]) -> Deployment:
+    return dataclasses.replace(local_deployment, storage_url=create_database("hpo_suggest"))
+
+
+def _tell_batch(deployment: Deployment, name: str, batch: list[dict]) -> None:
+    study = optuna.load_study(study_name=name, storage=open_storage(deployment.storage_url))
+    for b in batch:  # a deterministic objective of the params
+        x = float(b["params"]["x"])
+        study.tell(b["trial_number"], (x - 0.3) ** 2 + (0.1 if b["params"]["optimizer"] == "sgd" else 0.0))
+
+
+def test_suggest_asks_what_optunas_own_ask_loop_asks_below_the_history_bound(
+    local_deployment: Deployment, create_database: Callable[[str], str]
+) -> None:
+    """The one-read-one-write suggest asks the batch a loop over ``study.ask()`` asks (same seed, history)."""
+    deployment = _pg_deployment(local_deployment, create_database)
+    spec = make_spec(
+        sampler={"type": "tpe", "seed": 11, "n_startup_trials": 3, "multivariate": True},
+        budget={"n_trials": 20, "batch_size": 5, "max_rounds": 4, "max_batch_size": 5},
+    )
+    name = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="parity")["study_name"]
+    for k in (1, 2, 3):
+        batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=k)
+        _tell_batch(deployment, name, batch)
+    storage = open_storage(deployment.storage_url)
+    optuna.copy_study(
+        from_study_name=name, from_storage=storage, to_storage=storage, to_study_name="reference"
+    )
+    config = RunConfig.from_attrs(storage.get_study_user_attrs(storage.get_study_id_from_name(name)))
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=4)
+
+    reference = optuna.load_study(study_name="reference", storage=storage)
+    reference.sampler = build_sampler(spec, seed=config.seed, options=config.sampler_options, round_number=4)
+    seen: set[str] = set()
+    asked = []
+    while len(asked) < len(batch):
+        trial = reference.ask()
+        params = sample_params(spec, trial)
+        key = json.dumps(params, sort_keys=True)
+        if key in seen:  # a duplicate of the batch is discarded, as suggest does
+            reference.tell(trial, state=TrialState.FAIL)
+            continue
+        seen.add(key)
+        asked.append((trial.number, params))
+    assert len(batch) == 5
+    assert [(b["trial_number"], b["params"]) for b in batch] == asked
+
+
+def test_two_suggest_attempts_of_one_round_at_once_write_one_batch(
+    local_deployment: Deployment,
+    create_database: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both attempts read and ask before either writes: the second finds the first's batch."""
+    deployment = _pg_deployment(local_deployment, create_database)
+    spec = make_spec(budget={"n_trials": 8, "batch_size": 4, "max_rounds": 2, "max_batch_size": 4})
+    name = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="race")["study_name"]
+    both_asked = threading.Barrier(2, timeout=60)
+    real_ask = suggest_module.ask_batch
+
+    def ask_then_wait(*args: Any, **kwargs: Any) -> Any:
+        asked = real_ask(*args, **kwargs)
+        both_asked.wait()  # neither writes before both have read the study and asked a batch
+        return asked
+
+    monkeypatch.setattr(suggest_module, "ask_batch", ask_then_wait)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                lambda _: suggest_batch(deployment=deployment, study_name=name, round_number=1), range(2)
+            )
+        )
+    (first, _), (second, _) = results
+    assert [b["trial_number"] for b in first] == [b["trial_number"] for b in second]
+    assert [b["params"] for b in first] == [b["params"] for b in second]
+    study = optuna.load_study(study_name=name, storage=open_storage(deployment.storage_url))
+    in_round = [t for t in study.get_trials() if t.user_attrs.get(TrialAttr.ROUND) == 1]
+    assert sorted(t.number for t in in_round) == sorted(b["trial_number"] for b in first)
+    assert len(study.get_trials()) == 4  # nothing of the losing attempt was written

@@ -33,17 +33,20 @@ class SamplerInfo:
     multi_objective: bool = True
     #: Whether it needs a declared space with a finite grid (every float parameter has a ``step``).
     finite_space: bool = False
+    #: Which trials' system attributes it reads (the state it keeps there): ``running`` (TPE and GP:
+    #: a running trial's relative params) or ``all`` (grid ids, CMA-ES and NSGA-II generations).
+    trial_state: str = "running"
 
 
 #: Every sampler a study file may name, in the order error messages list them.
 SAMPLERS: dict[str, SamplerInfo] = {
     "tpe": SamplerInfo("hpo_core.samplers.builtin"),
     "random": SamplerInfo("hpo_core.samplers.builtin"),
-    "grid": SamplerInfo("hpo_core.samplers.builtin", finite_space=True),
-    "cmaes": SamplerInfo("hpo_core.samplers.builtin", multi_objective=False),
+    "grid": SamplerInfo("hpo_core.samplers.builtin", finite_space=True, trial_state="all"),
+    "cmaes": SamplerInfo("hpo_core.samplers.builtin", multi_objective=False, trial_state="all"),
     "gp": SamplerInfo("hpo_core.samplers.builtin"),
-    "qmc": SamplerInfo("hpo_core.samplers.builtin"),
-    "nsga2": SamplerInfo("hpo_core.samplers.builtin", single_objective=False),
+    "qmc": SamplerInfo("hpo_core.samplers.builtin", trial_state="all"),
+    "nsga2": SamplerInfo("hpo_core.samplers.builtin", single_objective=False, trial_state="all"),
 }
 
 

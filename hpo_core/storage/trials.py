@@ -29,12 +29,12 @@ import copy
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from optuna.distributions import json_to_distribution
+from optuna.distributions import distribution_to_json, json_to_distribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -51,8 +51,10 @@ __all__ = [
     "record_heartbeat",
     "set_trial_attr",
     "set_trial_attrs",
+    "study_system_attrs",
     "trial_by_number",
     "trial_id",
+    "write_batch",
 ]
 
 
@@ -71,7 +73,7 @@ def read_trials(
     study: optuna.Study,
     *,
     user_attrs: Collection[str] | None = None,
-    system_attrs: bool = False,
+    system_attrs: bool | Collection[TrialState] = False,
     intermediate_values: bool = False,
     states: Collection[TrialState] | None = None,
 ) -> list[FrozenTrial]:
@@ -81,8 +83,9 @@ def read_trials(
     10 s for 10,000 trials on PostgreSQL. This reads the trials, their values and params, and only
     the user attributes named in ``user_attrs`` (``None``: all), the system attributes and the
     intermediate values when asked: a few hundred milliseconds for the same study. Trials come
-    back as ``FrozenTrial`` with the other attribute maps empty. On a storage that is not an RDB
-    storage, the full trials are returned.
+    back as ``FrozenTrial`` with the other attribute maps empty. ``system_attrs`` may name the
+    states whose trials' system attributes are read (a sampler may need them of running trials
+    only). On a storage that is not an RDB storage, the full trials are returned.
     """
     backend = _rdb(study)
     if backend is None:
@@ -107,11 +110,12 @@ def read_trials(
         users = _children(
             connection, models.TrialUserAttributeModel, ours, ("key", "value_json"), keys=user_attrs
         )
-        systems = (
-            _children(connection, models.TrialSystemAttributeModel, ours, ("key", "value_json"))
-            if system_attrs
-            else {}
-        )
+        systems = {}
+        if system_attrs:
+            of = ours
+            if not isinstance(system_attrs, bool):
+                of = of.where(trials_table.c.state.in_(list(system_attrs)))
+            systems = _children(connection, models.TrialSystemAttributeModel, of, ("key", "value_json"))
         steps = (
             _children(
                 connection,
@@ -144,8 +148,8 @@ def read_trials(
                 datetime_complete=completed,
                 params={name: dists[name].to_external_repr(value) for name, value, _ in params.get(tid, ())},
                 distributions=dists,
-                user_attrs={key: copy.deepcopy(decoded(text)) for key, text in users.get(tid, ())},
-                system_attrs={key: copy.deepcopy(decoded(text)) for key, text in systems.get(tid, ())},
+                user_attrs={key: _fresh(decoded(text)) for key, text in users.get(tid, ())},
+                system_attrs={key: _fresh(decoded(text)) for key, text in systems.get(tid, ())},
                 intermediate_values={
                     step: models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(value, kind)
                     for step, value, kind in steps.get(tid, ())
@@ -195,6 +199,16 @@ def _memo(function: Callable[[str], _T]) -> Callable[[str], _T]:
 
 
 _MISSING: Any = object()
+
+
+def _fresh(value: Any) -> Any:
+    """A decoded value for one trial: shared when immutable, copied when a trial could change it."""
+    return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes (samplers such as QMC and NSGA-II keep state there)."""
+    return _storage(study).get_study_system_attrs(study._study_id)
 
 
 def trial_id(trial: FrozenTrial | optuna.trial.Trial) -> int:
@@ -286,3 +300,191 @@ def fail_trial(
     """
     set_trial_attr(study, trial_id(frozen), key, reason)
     study.tell(frozen.number, state=TrialState.FAIL)
+
+
+def write_batch(
+    study: optuna.Study,
+    *,
+    trials: Sequence[FrozenTrial],
+    popped: Mapping[int, int],
+    study_system_attrs: Mapping[str, Any],
+    unless: Mapping[str, Any],
+) -> list[tuple[int, int]] | None:
+    """Write a round's asked trials in one transaction, unless the round was written meanwhile.
+
+    ``trials`` are templates of the trials in ask order (state RUNNING, or FAIL for a discarded
+    draw; params, distributions, user and system attributes). A template whose number is a key of
+    ``popped`` is the enqueued WAITING trial of that id, which becomes RUNNING with its params and
+    the template's attributes (changed keys replaced); the others are inserted as new trials,
+    numbered as Optuna numbers them. ``study_system_attrs`` are the sampler's study state changes.
+
+    The transaction first locks the study (the lock Optuna takes to number a new trial: one
+    writer at a time, also across processes and hosts), then writes nothing and returns ``None``
+    when a trial already carries every user attribute of ``unless`` (the round's batch, written by
+    a racing attempt of the same task) or an enqueued trial was popped by somebody else.
+
+    Returns:
+        ``(number, trial id)`` of each template, in order.
+    """
+    backend = _rdb(study)
+    if backend is None:  # not an RDB storage: trial by trial (tests, in-memory studies)
+        return _write_one_by_one(study, trials, popped, study_system_attrs, unless)
+    sid = study._study_id
+    t_trials = models.TrialModel.__table__
+    with backend.engine.begin() as connection:
+        studies = models.StudyModel.__table__
+        # A write first: it takes the study's row lock (PostgreSQL) or the database's write lock
+        # (SQLite) before anything is read, so the check below sees every committed batch.
+        connection.execute(
+            sqlalchemy.update(studies)
+            .where(studies.c.study_id == sid)
+            .values(study_name=studies.c.study_name)
+        )
+        if _any_trial_with(connection, sid, unless):
+            return None
+        base = connection.execute(
+            sqlalchemy.select(sqlalchemy.func.count()).select_from(t_trials).where(t_trials.c.study_id == sid)
+        ).scalar_one()
+        written: list[tuple[int, int]] = []
+        for template in trials:
+            waiting_id = popped.get(template.number)
+            if waiting_id is not None:
+                if not _pop(connection, waiting_id, template):
+                    connection.rollback()
+                    return None
+                written.append((template.number, waiting_id))
+                continue
+            tid = connection.execute(
+                sqlalchemy.insert(t_trials).returning(t_trials.c.trial_id),
+                {
+                    "number": base,
+                    "study_id": sid,
+                    "state": template.state,
+                    "datetime_start": template.datetime_start,
+                    "datetime_complete": template.datetime_complete,
+                },
+            ).scalar_one()
+            written.append((base, tid))
+            base += 1
+        new = [(tid, t) for (_, tid), t in zip(written, trials, strict=True) if popped.get(t.number) is None]
+        _insert_children(connection, new)
+        _replace_study_system_attrs(connection, sid, study_system_attrs)
+    return written
+
+
+def _any_trial_with(connection: sqlalchemy.Connection, study_id: int, attrs: Mapping[str, Any]) -> bool:
+    """Whether a trial of the study carries every user attribute of ``attrs`` with that value."""
+    t_trials = models.TrialModel.__table__
+    query = sqlalchemy.select(t_trials.c.trial_id).where(t_trials.c.study_id == study_id)
+    table = models.TrialUserAttributeModel.__table__
+    for key, value in attrs.items():
+        query = query.where(
+            t_trials.c.trial_id.in_(
+                sqlalchemy.select(table.c.trial_id).where(
+                    table.c.key == key, table.c.value_json == json.dumps(value)
+                )
+            )
+        )
+    return connection.execute(query.limit(1)).first() is not None
+
+
+def _pop(connection: sqlalchemy.Connection, trial_id: int, template: FrozenTrial) -> bool:
+    """An enqueued trial becomes RUNNING with the template's params and attributes (if still WAITING)."""
+    t_trials = models.TrialModel.__table__
+    updated = connection.execute(
+        sqlalchemy.update(t_trials)
+        .where(t_trials.c.trial_id == trial_id, t_trials.c.state == TrialState.WAITING)
+        .values(state=template.state, datetime_start=template.datetime_start)
+    )
+    if updated.rowcount != 1:
+        return False
+    for model, attrs in (
+        (models.TrialUserAttributeModel, template.user_attrs),
+        (models.TrialSystemAttributeModel, template.system_attrs),
+    ):
+        table = model.__table__
+        if attrs:
+            connection.execute(
+                sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs)))
+            )
+    _insert_children(connection, [(trial_id, template)])
+    return True
+
+
+def _insert_children(connection: sqlalchemy.Connection, trials: Sequence[tuple[int, FrozenTrial]]) -> None:
+    """Insert the params and user/system attributes of templates (by trial id), in bulk."""
+    params = [
+        {
+            "trial_id": tid,
+            "param_name": name,
+            "param_value": t.distributions[name].to_internal_repr(value),
+            "distribution_json": distribution_to_json(t.distributions[name]),
+        }
+        for tid, t in trials
+        for name, value in t.params.items()
+    ]
+    if params:
+        connection.execute(sqlalchemy.insert(models.TrialParamModel.__table__), params)
+    for model, field in (
+        (models.TrialUserAttributeModel, "user_attrs"),
+        (models.TrialSystemAttributeModel, "system_attrs"),
+    ):
+        rows = [
+            {"trial_id": tid, "key": key, "value_json": json.dumps(value)}
+            for tid, t in trials
+            for key, value in getattr(t, field).items()
+        ]
+        if rows:
+            connection.execute(sqlalchemy.insert(model.__table__), rows)
+
+
+def _replace_study_system_attrs(
+    connection: sqlalchemy.Connection, study_id: int, attrs: Mapping[str, Any]
+) -> None:
+    if not attrs:
+        return
+    table = models.StudySystemAttributeModel.__table__
+    connection.execute(
+        sqlalchemy.delete(table).where(table.c.study_id == study_id, table.c.key.in_(list(attrs)))
+    )
+    connection.execute(
+        sqlalchemy.insert(table),
+        [{"study_id": study_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()],
+    )
+
+
+def _write_one_by_one(
+    study: optuna.Study,
+    trials: Sequence[FrozenTrial],
+    popped: Mapping[int, int],
+    study_system_attrs: Mapping[str, Any],
+    unless: Mapping[str, Any],
+) -> list[tuple[int, int]] | None:
+    storage = _storage(study)
+    if any(
+        all(t.user_attrs.get(k, _MISSING) == v for k, v in unless.items())
+        for t in storage.get_all_trials(study._study_id, deepcopy=False)
+    ):
+        return None
+    written = []
+    for template in trials:
+        waiting_id = popped.get(template.number)
+        if waiting_id is None:
+            tid = storage.create_new_trial(study._study_id, template_trial=template)
+        else:
+            tid = waiting_id
+            if not storage.set_trial_state_values(tid, TrialState.RUNNING):
+                return None
+            for name, value in template.params.items():
+                dist = template.distributions[name]
+                storage.set_trial_param(tid, name, dist.to_internal_repr(value), dist)
+            for key, value in template.user_attrs.items():
+                storage.set_trial_user_attr(tid, key, value)
+            for key, value in template.system_attrs.items():
+                storage.set_trial_system_attr(tid, key, value)
+            if template.state == TrialState.FAIL:
+                storage.set_trial_state_values(tid, TrialState.FAIL)
+        written.append((storage.get_trial_number_from_id(tid), tid))
+    for key, value in study_system_attrs.items():
+        storage.set_study_system_attr(study._study_id, key, value)
+    return written

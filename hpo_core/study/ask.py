@@ -106,14 +106,9 @@ class AskedTrial:
         return self.state == TrialState.FAIL
 
     def as_template(self, user_attrs: Mapping[str, Any] | None = None) -> FrozenTrial:
-        """The new trial as a template for ``storage.create_new_trial(study_id, template_trial=...)``.
-
-        Optuna's RDB storage inserts a template's state, params and attributes with the trial in one
-        transaction (its number is assigned there). ``user_attrs`` are added, e.g. the round's
-        ``hpo.*`` attributes. A popped WAITING trial exists already: update it instead.
-        """
-        if self.waiting_trial_id is not None:
-            raise ValueError(f"trial {self.number} was enqueued before: update it, do not create it")
+        """The trial as a template to write (:func:`hpo_core.storage.trials.write_batch`), with
+        ``user_attrs`` added (e.g. the round's ``hpo.*`` attributes). A popped WAITING trial exists
+        already: the template says what it becomes (only its added or changed attributes)."""
         return FrozenTrial(
             number=self.number,
             state=self.state,

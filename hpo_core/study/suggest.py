@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core.deployment import Deployment
+from hpo_core.errors import TrialStateError
 from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.payloads import SlotPayload, TrialEntry
-from hpo_core.space import sample_params, space_size
+from hpo_core.samplers import SAMPLERS
 from hpo_core.spec import StudySpec
 from hpo_core.storage import flushing
 from hpo_core.storage import trials as stored
 from hpo_core.study import accounting
+from hpo_core.study.ask import SamplerRun, ask_batch
 from hpo_core.study.config import slot_of
-from hpo_core.study.state import load_run
+from hpo_core.study.state import LoadedStudy, load_run
 
 __all__ = ["batch_slots", "slot_label", "suggest_batch", "trial_label"]
 
 log = logging.getLogger(__name__)
-
-#: Draws of one batch position before a duplicate of the batch is kept (the space is exhausted).
-_MAX_DUPLICATE_DRAWS = 20
 
 
 def suggest_batch(
@@ -49,25 +47,86 @@ def suggest_batch(
         return _suggest(deployment, study_name, round_number, dag_id=dag_id, run_id=run_id)
 
 
+#: User attributes suggest reads of every trial (what it counts and what a batch needs).
+_READ = (
+    TrialAttr.ROUND,
+    TrialAttr.BATCH_INDEX,
+    TrialAttr.MAP_INDEX,
+    TrialAttr.RUN_ID,
+    TrialAttr.RETRY_OF,
+    TrialAttr.DISCARDED,
+    TrialAttr.HEARTBEAT,
+)
+#: Attempts of the read-ask-write cycle when a racing attempt of the same task wrote first.
+_WRITE_ATTEMPTS = 3
+
+
 def _suggest(
     deployment: Deployment, study_name: str, round_number: int, *, dag_id: str | None, run_id: str | None
 ) -> tuple[list[TrialEntry], str | None]:
+    """Read the study once, ask the batch in memory, write it in one transaction.
+
+    Idempotent per round: a round that has trials returns them. Two attempts of the same round
+    racing: the second's write finds the first's batch (the write locks the study) and returns it.
+    """
     loaded = load_run(deployment, study_name, round_number=round_number)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
-    trials = study.get_trials(deepcopy=False)
-    if spec.trial.stale_timeout and accounting.reconcile_trials(
-        # Trials whose worker went silent (a run stopped by its timeout, a lost pod) stop counting
-        # as running; their own round's observe would not come back for them.
-        study,
-        round_number=None,
-        stale_after=spec.trial.stale_timeout,
-        trials=trials,
-    ):
-        trials = study.get_trials(deepcopy=False)
-    if run_id is None:
-        run_id = attrs.get(StudyAttr.RUN_ID)
-    ours = accounting.ours(trials, attrs)
-    existing = sorted(
+    run_id = run_id if run_id is not None else attrs.get(StudyAttr.RUN_ID)
+    for _ in range(_WRITE_ATTEMPTS):
+        trials = _read(study, spec)
+        if spec.trial.stale_timeout and accounting.reconcile_trials(
+            # Trials whose worker went silent (a run stopped by its timeout, a lost pod) stop counting
+            # as running; their own round's observe would not come back for them.
+            study,
+            round_number=None,
+            stale_after=spec.trial.stale_timeout,
+            trials=trials,
+        ):
+            trials = _read(study, spec)
+        ours = accounting.ours(trials, attrs)
+        existing = _round_batch(ours, round_number)
+        if existing:
+            log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
+            return [
+                _entry(t.number, t.params, round_number, spec, int(t.user_attrs.get(TrialAttr.MAP_INDEX, i)))
+                for i, t in enumerate(existing)
+            ], None
+        stop = attrs.get(StudyAttr.STOP)
+        if stop:
+            return [], f"study stopped before round {round_number}: {stop}"
+        counts = accounting.count(accounting.counted(ours))
+        remaining = config.n_trials - counts.counted
+        if remaining <= 0:
+            return [], f"budget spent: {counts.counted} of {config.n_trials} trials"
+        deadline = accounting.deadline(attrs, spec)
+        if deadline:
+            return [], deadline
+        batch = _ask_and_write(
+            loaded,
+            trials,
+            size=min(config.batch_size, remaining),
+            round_number=round_number,
+            dag_id=dag_id,
+            run_id=run_id,
+        )
+        if batch is not None:
+            if not batch:
+                return [], "search space exhausted"
+            return batch, None
+        log.info("round %d was written by another attempt meanwhile: reading it", round_number)
+    raise TrialStateError(f"round {round_number} of {study_name}: could not write or read its batch")
+
+
+def _read(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
+    """Every trial of the study, with what suggest and the sampler read of it."""
+    needs = SAMPLERS[spec.sampler.type].trial_state
+    system = True if needs == "all" else (TrialState.RUNNING, TrialState.WAITING)
+    return stored.read_trials(study, user_attrs=_READ, system_attrs=system)
+
+
+def _round_batch(ours: list[FrozenTrial], round_number: int) -> list[FrozenTrial]:
+    """The trials suggested for the round (replacements aside), in batch order."""
+    return sorted(
         (
             t
             for t in ours
@@ -75,50 +134,67 @@ def _suggest(
         ),
         key=lambda t: t.user_attrs.get(TrialAttr.BATCH_INDEX, 0),
     )
-    if existing:
-        log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
-        return [
-            _entry(t.number, t.params, round_number, spec, int(t.user_attrs.get(TrialAttr.MAP_INDEX, i)))
-            for i, t in enumerate(existing)
-        ], None
-    stop = attrs.get(StudyAttr.STOP)
-    if stop:
-        return [], f"study stopped before round {round_number}: {stop}"
-    counts = accounting.count(accounting.counted(ours))
-    remaining = config.n_trials - counts.counted
-    if remaining <= 0:
-        return [], f"budget spent: {counts.counted} of {config.n_trials} trials"
-    deadline = accounting.deadline(attrs, spec)
-    if deadline:
-        return [], deadline
-    size = min(config.batch_size, remaining)
-    exhaustible = space_size(spec)
-    asked: list[tuple[optuna.trial.Trial, dict[str, Any]]] = []
-    seen: set[str] = set()
-    for _ in range(size):
-        trial, params = _ask_distinct(study, spec, seen, exhaustible)
-        if trial is None:
-            break
-        seen.add(_key(params))
-        asked.append((trial, params))
-    batch: list[TrialEntry] = []
-    marks: dict[int, dict[str, Any]] = {}
-    for index, (trial, params) in enumerate(asked):
-        # The slot is known once the batch is: a batch cut short by an exhausted space splits anew.
-        slot = slot_of(index, len(asked), config.trials_per_task)
-        marks[stored.trial_id(trial)] = {
-            TrialAttr.ROUND: round_number,
-            TrialAttr.BATCH_INDEX: index,
-            TrialAttr.DAG_ID: dag_id,
-            TrialAttr.RUN_ID: run_id,
-            TrialAttr.MAP_INDEX: slot,
-        }
-        batch.append(_entry(trial.number, params, round_number, spec, slot))
-    stored.set_trial_attrs(study, marks)
-    log.info("round %d: suggested %d trials %s", round_number, len(batch), [b["trial_number"] for b in batch])
-    if not batch:
-        return [], "search space exhausted"
-    return batch, None
+
+
+def _ask_and_write(
+    loaded: LoadedStudy,
+    trials: list[FrozenTrial],
+    *,
+    size: int,
+    round_number: int,
+    dag_id: str | None,
+    run_id: str | None,
+) -> list[TrialEntry] | None:
+    """Ask ``size`` trials against the read ``trials`` and write them; ``None``: another attempt wrote."""
+    study, spec, config = loaded.study, loaded.spec, loaded.config
+    asked = ask_batch(
+        spec,
+        run=SamplerRun(seed=config.seed, round_number=round_number, options=config.sampler_options),
+        trials=trials,
+        size=size,
+        directions=[d.name.lower() for d in study.directions],
+        study_system_attrs=stored.study_system_attrs(study),
+        next_number=len(trials),
+    )
+    kept = asked.batch
+    templates = []
+    for t in asked.trials:
+        marks: dict[str, Any] = {}
+        if not t.discarded:
+            index = kept.index(t)
+            marks = {
+                TrialAttr.ROUND: round_number,
+                TrialAttr.BATCH_INDEX: index,
+                TrialAttr.DAG_ID: dag_id,
+                TrialAttr.RUN_ID: run_id,
+                # The slot is known once the batch is: a batch cut short by an exhausted space splits anew.
+                TrialAttr.MAP_INDEX: slot_of(index, len(kept), config.trials_per_task),
+            }
+        templates.append(t.as_template(marks))
+    scope = {TrialAttr.RUN_ID: run_id} if loaded.attrs.get(StudyAttr.CONTINUOUS) else {}
+    written = stored.write_batch(
+        study,
+        trials=templates,
+        popped={t.number: t.waiting_trial_id for t in asked.trials if t.waiting_trial_id is not None},
+        study_system_attrs=asked.study_system_attrs,
+        unless={TrialAttr.ROUND: round_number, **scope},
+    )
+    if written is None:
+        return None
+    numbers = {t.number: number for t, (number, _) in zip(asked.trials, written, strict=True)}
+    batch = [
+        _entry(numbers[t.number], t.params, round_number, spec, slot_of(i, len(kept), config.trials_per_task))
+        for i, t in enumerate(kept)
+    ]
+    log.info(
+        "round %d: suggested %d trials %s (the sampler saw %d of %d trials)",
+        round_number,
+        len(batch),
+        [b["trial_number"] for b in batch],
+        asked.history_seen,
+        asked.history_given,
+    )
+    return batch
 
 
 def trial_label(number: int, params: Mapping[str, Any]) -> str:
@@ -176,32 +252,3 @@ def slot_label(trials: list[TrialEntry]) -> str:
     if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
         return f"trials {numbers[0]}–{numbers[-1]}"
     return "trials " + ", ".join(str(n) for n in numbers)
-
-
-def _key(params: Mapping[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def _ask_distinct(
-    study: optuna.Study, spec: StudySpec, seen: set[str], space: float
-) -> tuple[optuna.trial.Trial | None, dict[str, Any]]:
-    """Ask one trial whose params differ from the batch so far.
-
-    A duplicate draw is closed as a discarded FAIL (it never counts toward the budget); after
-    many duplicates the space is taken as exhausted for this batch and the duplicate is kept.
-    """
-    for attempt in range(_MAX_DUPLICATE_DRAWS):
-        if _grid_exhausted(study):
-            return None, {}
-        trial = study.ask()
-        params = sample_params(spec, trial)
-        if _key(params) not in seen or len(seen) >= space or attempt == _MAX_DUPLICATE_DRAWS - 1:
-            return trial, params
-        trial.set_user_attr(TrialAttr.DISCARDED, "duplicate of another trial in the same batch")
-        study.tell(trial, state=TrialState.FAIL)
-    raise AssertionError("unreachable")
-
-
-def _grid_exhausted(study: optuna.Study) -> bool:
-    sampler = study.sampler
-    return isinstance(sampler, optuna.samplers.GridSampler) and bool(sampler.is_exhausted(study))
