@@ -16,9 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = [
     "ENV_AIRFLOW_URL",
     "ENV_HOME",
+    "ENV_MLFLOW_UI_URL",
     "ENV_STORAGE_URL",
     "Deployment",
     "airflow_url",
+    "mlflow_ui_url",
     "public_base_url",
     "redact_url",
 ]
@@ -32,6 +34,9 @@ ENV_ARTIFACT_ROOT = "HPO_ARTIFACT_ROOT"
 #: kubernetes backend); without it, Airflow's own ``[api] base_url`` setting from the environment.
 ENV_AIRFLOW_URL = "HPO_AIRFLOW_URL"
 ENV_AIRFLOW_BASE_URL = "AIRFLOW__API__BASE_URL"
+#: The MLflow UI as a browser reaches it, for links to runs and model versions (the HPO view's and the
+#: extra links'); without it, the tracking URI when that is an http(s) address.
+ENV_MLFLOW_UI_URL = "HPO_MLFLOW_UI_URL"
 
 
 @dataclass(frozen=True)
@@ -113,3 +118,10 @@ def airflow_url(env: Mapping[str, str] | None = None) -> str | None:
     credentials; None when neither is set."""
     env = os.environ if env is None else env
     return public_base_url(env.get(ENV_AIRFLOW_URL) or env.get(ENV_AIRFLOW_BASE_URL))
+
+
+def mlflow_ui_url(tracking_uri: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The MLflow UI's base URL for links (``HPO_MLFLOW_UI_URL``, else ``tracking_uri`` when it is
+    http(s)), without credentials; None when there is none (an embedded SQLite tracking store)."""
+    env = os.environ if env is None else env
+    return public_base_url(env.get(ENV_MLFLOW_UI_URL) or tracking_uri)
