@@ -11,6 +11,7 @@ and no round or finalize fails for a plot.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 import optuna
 import optuna.visualization as vis
 from mlflow.tracking import MlflowClient
+from optuna.importance import FanovaImportanceEvaluator
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as om
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 MIN_TRIALS_FOR_IMPORTANCE = 4
 #: Artifact folder of the plots on the parent run.
 ARTIFACT_DIR = "plots"
+#: Importances with a fixed seed: the same trials always give the same figure (the view caches it).
+_IMPORTANCE_SEED = 0
 #: What a plot function of ``optuna.visualization`` (Plotly or matplotlib) may refuse to draw with.
 _CANNOT_DRAW = (ValueError, RuntimeError, TypeError)
 
@@ -69,6 +73,10 @@ def _target(spec: StudySpec) -> tuple[Callable[[FrozenTrial], float] | None, str
     if not spec.is_multi_objective:
         return None, spec.objective_metrics[index]
     return (lambda t: t.values[index]), spec.objective_metrics[index]
+
+
+def _with_seed(plot_importances: Callable[..., Any]) -> Callable[..., Any]:
+    return functools.partial(plot_importances, evaluator=FanovaImportanceEvaluator(seed=_IMPORTANCE_SEED))
 
 
 def _complete(plot_copy: optuna.Study) -> int:
@@ -95,7 +103,7 @@ def figures(spec: StudySpec, attrs: Mapping[str, Any], trials: list[FrozenTrial]
             f"parameter importances need {MIN_TRIALS_FOR_IMPORTANCE} completed trials ({complete} so far)"
         )
     else:
-        drawings.append(("importance", vis.plot_param_importances))
+        drawings.append(("importance", _with_seed(vis.plot_param_importances)))
     for key, draw in drawings:
         try:
             figure = draw(plot_copy, target=target, target_name=name)
@@ -150,7 +158,7 @@ def _log(
     if final and plot_copy.trials[0].params:
         drawings.append(("parallel_coordinates", om.plot_parallel_coordinate))
     if final and complete >= MIN_TRIALS_FOR_IMPORTANCE:
-        drawings.append(("param_importances", om.plot_param_importances))
+        drawings.append(("param_importances", _with_seed(om.plot_param_importances)))
     matplotlib.use("Agg", force=True)  # files only: never a window, whatever the process's default
     with tempfile.TemporaryDirectory(prefix="hpo-plots-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
