@@ -1,8 +1,10 @@
 """The ``hpo`` command: every command of the pipeline in one place.
 
-``hpo summary`` (what a study run produced), ``hpo validate`` (check study files), ``hpo storage
-upgrade`` (migrate the Optuna storage after an Optuna upgrade), ``hpo promote`` / ``hpo rollback``
-(move the registered model's ``champion`` alias by hand, recording who and why).
+``hpo summary`` (what a study run produced), ``hpo status`` (a study run's progress and trial
+table, read as the HPO view in the Airflow UI reads it), ``hpo validate`` (check study files),
+``hpo schema`` (the study file's JSON Schema, for editors), ``hpo storage upgrade`` (migrate the
+Optuna storage after an Optuna upgrade), ``hpo promote`` / ``hpo rollback`` (move the registered
+model's ``champion`` alias by hand, recording who and why).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,26 +24,23 @@ import optuna
 from hpo_core.deployment import Deployment, redact_url
 from hpo_core.errors import HpoError, StudySpecError
 from hpo_core.keys import StudyAttr
-from hpo_core.spec import StudySpec, load_spec
-from hpo_core.storage import open_storage, upgrade_schema
+from hpo_core.spec import SCHEMA_PATH, StudySpec, load_spec, study_schema_text
+from hpo_core.storage import upgrade_schema
 from hpo_core.study.accounting import count_trials, pick_best
+from hpo_core.study.progress import StudyProgress, find_study, load_progress
 from hpo_core.study.state import load_run
 from hpo_core.tracking import promotion, registry, runs
 
-__all__ = ["latest_study_name", "main", "study_summary"]
+__all__ = ["format_status", "latest_study_name", "main", "study_summary"]
 
 
 def latest_study_name(deployment: Deployment, dag_id: str) -> str:
-    """Name of the most recently started study of ``dag_id``."""
-    storage = open_storage(deployment.storage_url)
-    started = [
-        (float(s.user_attrs.get(StudyAttr.STARTED, 0)), s.study_name)
-        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        if s.user_attrs.get(StudyAttr.DAG_ID) == dag_id
-    ]
-    if not started:
-        raise HpoError(f"no study of DAG {dag_id!r} in the storage; run the DAG first")
-    return max(started)[1]
+    """Name of the most recently started study of ``dag_id`` (:func:`hpo_core.study.progress.find_study`).
+
+    Raises:
+        TrialStateError: no study of that DAG is in the storage.
+    """
+    return find_study(deployment, dag_id)[0]
 
 
 def study_summary(deployment: Deployment, study_name: str, *, check_model: bool = False) -> dict[str, Any]:
@@ -115,6 +115,86 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def _status_head(run: StudyProgress) -> list[str]:
+    row, c = run.row, run.row.counts
+    params = json.dumps(run.best_params, sort_keys=True)
+    best = f" (trial {row.best_trial}) {params}" if run.best_params else ""
+    lines = [
+        f"study      {row.study_name}",
+        f"DAG run    {row.dag_id} / {row.run_id}",
+        f"progress   {c.finished}/{row.n_trials or c.counted} trials finished: {c.complete} complete, "
+        f"{c.pruned} pruned, {c.failed} failed, {c.running} running; round {run.rounds_run} of at most "
+        f"{run.max_rounds}",
+        f"best       {row.metric} ({row.direction}) = {_num(row.best_value)}{best}",
+    ]
+    if row.stop_reason:
+        lines.append(f"stopped    {row.stop_reason}")
+    if row.outcome:
+        lines.append(f"outcome    {row.outcome}")
+    if row.registered_model:
+        lines.append(f"registered {row.registered_model['name']} version {row.registered_model['version']}")
+    return lines
+
+
+def format_status(run: StudyProgress, *, width: int = 120) -> str:
+    """``hpo status``'s output: the progress lines, then the trial table (lines cut at ``width``)."""
+    header = ["trial", "round", "slot", "state", "value", "duration", "attempt", "retry_of"]
+    header.append("params / reason")
+    table = [header]
+    for t in run.trials:
+        detail = json.dumps(t.params, sort_keys=True, default=str)
+        if t.fail_reason:
+            detail = f"{t.fail_reason}  {detail}"
+        if not t.counted:
+            detail = f"(replaced by a retry) {detail}"
+        shown = [t.number, t.round, t.slot, t.state, t.value, _duration(t.duration_s), t.attempt, t.retry_of]
+        table.append([_num(cell) for cell in shown] + [detail])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = [*_status_head(run), ""]
+    for cells in table:
+        text = "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=False)) + f"  {cells[-1]}"
+        lines.append(text if len(text) <= width else text[: width - 1] + "…")
+    if len(table) == 1:
+        lines.append("(no trial suggested yet)")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    deployment = Deployment.from_env()
+    name, run_id = find_study(deployment, args.dag_id, args.run_id)
+    run = load_progress(deployment, name, run_id=run_id)
+    if args.json:
+        print(json.dumps(run.to_dict(), indent=2, default=str))
+    else:
+        print(format_status(run, width=max(80, shutil.get_terminal_size((160, 24)).columns)))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    text = study_schema_text()
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
@@ -152,9 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-model", action="store_true", help="load models:/<name>@challenger and predict")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_summary)
+    _status_parser(sub)
     v = sub.add_parser("validate", help="validate study files")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=_cmd_validate)
+    schema = sub.add_parser("schema", help="print the study file's JSON Schema (for editors)")
+    schema.add_argument("--output", "-o", help=f"write it to this file (the repository keeps {SCHEMA_PATH})")
+    schema.set_defaults(func=_cmd_schema)
     storage = sub.add_parser("storage", help="maintain the Optuna storage ($HPO_STORAGE_URL)")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True)
     upgrade = storage_sub.add_parser(
@@ -171,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     _actor_reason(r)
     r.set_defaults(func=_cmd_rollback)
     return parser
+
+
+def _status_parser(sub: Any) -> None:
+    p = sub.add_parser("status", help="a study run's progress and trial table (as the HPO view shows it)")
+    p.add_argument("dag_id", help="the study's DAG id, e.g. hpo_breast_cancer_gbm")
+    p.add_argument("--run-id", help="the DAG run (default: the latest run of the DAG)")
+    p.add_argument("--json", action="store_true", help="print the read model as JSON (as the HPO view's API)")
+    p.set_defaults(func=_cmd_status)
 
 
 def _actor_reason(parser: argparse.ArgumentParser) -> None:

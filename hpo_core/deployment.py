@@ -11,14 +11,32 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["ENV_HOME", "ENV_STORAGE_URL", "Deployment", "redact_url"]
+__all__ = [
+    "ENV_AIRFLOW_URL",
+    "ENV_HOME",
+    "ENV_MLFLOW_UI_URL",
+    "ENV_STORAGE_URL",
+    "Deployment",
+    "airflow_url",
+    "mlflow_ui_url",
+    "public_base_url",
+    "redact_url",
+]
 
 ENV_STORAGE_URL = "HPO_STORAGE_URL"
 ENV_HOME = "HPO_HOME"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "MLFLOW_REGISTRY_URI"
 ENV_ARTIFACT_ROOT = "HPO_ARTIFACT_ROOT"
+#: The Airflow UI's address, for links from MLflow runs back to Airflow (trial pods get it from the
+#: kubernetes backend); without it, Airflow's own ``[api] base_url`` setting from the environment.
+ENV_AIRFLOW_URL = "HPO_AIRFLOW_URL"
+ENV_AIRFLOW_BASE_URL = "AIRFLOW__API__BASE_URL"
+#: The MLflow UI as a browser reaches it, for links to runs and model versions (the HPO view's and the
+#: extra links'); without it, the tracking URI when that is an http(s) address.
+ENV_MLFLOW_UI_URL = "HPO_MLFLOW_UI_URL"
 
 
 @dataclass(frozen=True)
@@ -84,3 +102,26 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@]*)(:(?
 def redact_url(url: str) -> str:
     """Hide the password of a URL, for logs and messages."""
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["pw"] else m[0], url)
+
+
+def public_base_url(raw: str | None) -> str | None:
+    """``raw`` as a base URL fit for a link: http(s), no credentials, query or trailing slash; else None."""
+    parts = urlsplit((raw or "").strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def airflow_url(env: Mapping[str, str] | None = None) -> str | None:
+    """The Airflow UI's base URL (``HPO_AIRFLOW_URL``, else ``AIRFLOW__API__BASE_URL``), without
+    credentials; None when neither is set."""
+    env = os.environ if env is None else env
+    return public_base_url(env.get(ENV_AIRFLOW_URL) or env.get(ENV_AIRFLOW_BASE_URL))
+
+
+def mlflow_ui_url(tracking_uri: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The MLflow UI's base URL for links (``HPO_MLFLOW_UI_URL``, else ``tracking_uri`` when it is
+    http(s)), without credentials; None when there is none (an embedded SQLite tracking store)."""
+    env = os.environ if env is None else env
+    return public_base_url(env.get(ENV_MLFLOW_UI_URL) or tracking_uri)

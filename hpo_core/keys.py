@@ -38,6 +38,10 @@ class StudyAttr:
     WARM_START: Final = "hpo.warm_start"
     #: The image the study's trials run in, when the worker backend runs them in one (Kubernetes).
     WORKER_IMAGE: Final = "hpo.worker_image"
+    #: What finalize decided: ``succeeded`` or ``failed: <why>`` (the HPO view and ``hpo status`` show it).
+    OUTCOME: Final = "hpo.outcome"
+    #: The model version finalize registered for the run: ``{"name", "version"}``.
+    REGISTERED_MODEL: Final = "hpo.registered_model"
 
 
 class TrialAttr:
@@ -86,6 +90,16 @@ class Tag:
     RETRY_OF: Final = "hpo.retry_of"
     ERROR: Final = "hpo.error"
     PRUNED: Final = "hpo.pruned"
+    #: On a trial's child run: the Airflow task instance that ran the attempt (``round_<r>.evaluate``,
+    #: its map index and try number), and its page in the Airflow UI when the UI's address is known.
+    TASK_ID: Final = "hpo.task_id"
+    MAP_INDEX: Final = "hpo.map_index"
+    TRY_NUMBER: Final = "hpo.try_number"
+    TASK_INSTANCE_URL: Final = "airflow.task_instance_url"
+    #: On the parent run (and each child run): the Airflow DAG run's page, when the UI's address is known.
+    DAG_RUN_URL: Final = "airflow.dag_run_url"
+    #: MLflow's own: the run's description, shown as Markdown (the study's description, links to Airflow).
+    NOTE: Final = "mlflow.note.content"
     #: On the parent run once finalize ran.
     OUTCOME: Final = "hpo.outcome"
     BEST_TRIAL: Final = "hpo.best_trial"

@@ -52,7 +52,7 @@ import psutil
 import requests
 import yaml
 
-from hpo_core.deployment import Deployment
+from hpo_core.deployment import ENV_MLFLOW_UI_URL, Deployment
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import load_spec
 from hpo_core.study.config import study_name_for
@@ -224,6 +224,9 @@ def airflow_env(
         "no_proxy": no_proxy,
         "PYTHONUNBUFFERED": "1",
     }
+    # The MLflow UI that ui.sh / --keep-ui start: where the HPO view and the extra links point.
+    mlflow_ui = f"http://{LOOPBACK}:{base.get(ENV_MLFLOW_PORT) or 5000}"
+    config[ENV_MLFLOW_UI_URL] = base.get(ENV_MLFLOW_UI_URL) or mlflow_ui
     preimport = settings.preimport if settings.preimport is not None else objective_modules(settings)
     if preimport:
         config[ENV_PREIMPORT] = preimport

@@ -5,4 +5,6 @@ set -euo pipefail
 source "$(dirname "$0")/_bootstrap.sh"
 echo "== ruff"; ruff check .
 echo "== mypy"; mypy
+# Debian's chromium for the browser tests; without it they fail with the same message, never skip.
+"$(dirname "$0")/ensure_chromium.sh" || true
 echo "== pytest"; exec python -m pytest "$@"

@@ -25,6 +25,7 @@ from tests.services import (
     PostgresServer,
     ServiceStartError,
 )
+from tests.ui_auth import AUTH_ENV
 
 STARTUP_SECONDS: dict[str, float] = {}
 
@@ -183,12 +184,13 @@ def airflow(
     airflow_factory: AirflowFactory, airflow_dags_folder: Path, hpo_env: dict[str, str]
 ) -> AirflowDeployment:
     """The session's shared Airflow: dags in ``airflow_dags_folder``, the repo's ``plugins/`` folder,
-    ``hpo_env`` plus ``PYTHONPATH`` (repo root and ``plugins/``) in every component and task."""
+    ``hpo_env`` plus ``PYTHONPATH`` (repo root and ``plugins/``) in every component and task, and an
+    auth manager that denies the user ``outsider`` the ``hpo_ui_*`` DAGs (``tests/ui_auth.py``)."""
     pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins")])
     return airflow_factory(
         dags_folder=airflow_dags_folder,
         plugins_folder=REPO_ROOT / "plugins",
-        env={**hpo_env, "PYTHONPATH": pythonpath},
+        env={**hpo_env, "PYTHONPATH": pythonpath, **AUTH_ENV},
     )
 
 

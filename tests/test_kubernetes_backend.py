@@ -177,6 +177,16 @@ def test_no_secret_in_the_pod_or_the_templated_fields(monkeypatch: pytest.Monkey
     assert "s3cr3t" not in rendered + templated
 
 
+def test_trial_pods_get_the_airflow_address_for_their_back_links_without_credentials() -> None:
+    """A trial's MLflow run links back to its task instance: the pod gets the UI's address, never a
+    password that the deployment's URL may carry."""
+    spec = validate_mapping(study_mapping(worker=WORKER), source="<test>")
+    env = {"AIRFLOW__API__BASE_URL": "https://admin:pw@airflow.example.com/"}
+    values = {e.name: e.value for e in trial_pod_settings(spec, env=env)["env_vars"]}
+    assert values["HPO_AIRFLOW_URL"] == "https://airflow.example.com"
+    assert "HPO_AIRFLOW_URL" not in {e.name for e in trial_pod_settings(spec, env={})["env_vars"]}
+
+
 def test_pod_template_file_from_the_spec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     template = tmp_path / "template.yaml"
     template.write_text(

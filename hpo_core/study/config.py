@@ -17,7 +17,7 @@ from hpo_core.errors import StudySpecError
 from hpo_core.keys import StudyAttr
 from hpo_core.spec import SamplerSpec, StudySpec
 
-__all__ = ["RunConfig", "run_bounds", "slot_of", "slot_sizes", "study_name_for"]
+__all__ = ["RunConfig", "run_bounds", "slot_of", "slot_sizes", "slot_task_id", "study_name_for"]
 
 
 def run_bounds(spec: StudySpec) -> dict[str, tuple[int, int]]:
@@ -122,6 +122,11 @@ def slot_of(batch_index: int, batch_size: int, trials_per_task: int) -> int:
         if batch_index < end:
             return slot
     raise IndexError(f"batch index {batch_index} is outside a batch of {batch_size}")
+
+
+def slot_task_id(round_number: int) -> str:
+    """The id of round ``round_number``'s mapped slot task: ``evaluate`` in the ``round_<r>`` group."""
+    return f"round_{round_number}.evaluate"
 
 
 def study_name_for(spec: StudySpec, run_id: str, *, logical_date: dt.datetime | None = None) -> str:

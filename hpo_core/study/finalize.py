@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudyOutcomeError
@@ -12,8 +13,8 @@ from hpo_core.payloads import FinalizeResult
 from hpo_core.storage import flushing
 from hpo_core.study import accounting
 from hpo_core.study.observe import fail_lost_runs
-from hpo_core.study.state import load_run
-from hpo_core.tracking import promotion, registry, runs
+from hpo_core.study.state import load_run, set_study_attrs
+from hpo_core.tracking import plots, promotion, registry, runs
 from hpo_core.tracking.lineage import lineage_tags
 
 __all__ = ["finalize_study"]
@@ -58,6 +59,7 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
             f"above stopping.max_failed_fraction={spec.stopping.max_failed_fraction:.0%}"
         )
     if problem is not None or best is None:
+        set_study_attrs(study, attrs, {StudyAttr.OUTCOME: f"failed: {problem}"})
         if parent:
             runs.fail_parent_run(mlflow_client, parent, str(problem))
         raise StudyOutcomeError(f"study {study_name}: {problem}")
@@ -92,7 +94,16 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
         result["alias"] = registry.CHALLENGER
         decision = promotion.apply_rule(mlflow_client, spec, version=version, seed=config.seed or 0)
         result["promotion"] = decision.to_dict()
+    # What the HPO view and `hpo status` show without asking MLflow.
+    outcome: dict[str, Any] = {StudyAttr.OUTCOME: "succeeded"}
+    if result["model_version"] is not None:
+        outcome[StudyAttr.REGISTERED_MODEL] = {
+            "name": str(spec.mlflow.registered_model),
+            "version": str(result["model_version"]),
+        }
+    set_study_attrs(study, attrs, outcome)
     if parent:
+        plots.log_final_plots(mlflow_client, parent, spec, attrs, trials)
         runs.close_parent_run(
             mlflow_client,
             parent,

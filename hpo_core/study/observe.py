@@ -20,7 +20,7 @@ from hpo_core.storage import flushing
 from hpo_core.study import accounting
 from hpo_core.study.config import RunConfig
 from hpo_core.study.state import load_run
-from hpo_core.tracking import runs
+from hpo_core.tracking import plots, runs
 
 __all__ = ["RoundNotRun", "fail_lost_runs", "observe_round"]
 
@@ -100,6 +100,7 @@ def _observe(
         parent = attrs.get(StudyAttr.PARENT_RUN)
         if parent:
             runs.log_round(mlflow_client(), parent, summary)
+            plots.log_history_plot(mlflow_client(), parent, spec, attrs, trials)
     if summary["stop_reason"] and attrs.get(StudyAttr.STOP) != summary["stop_reason"]:
         study.set_user_attr(StudyAttr.STOP, summary["stop_reason"])
     log.info("round %d summary: %s", round_number, json.dumps(summary, default=str))

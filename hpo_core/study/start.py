@@ -19,6 +19,7 @@ from hpo_core.storage import flushing, open_storage
 from hpo_core.study.config import RunConfig, study_name_for
 from hpo_core.study.state import set_study_attrs
 from hpo_core.tracking import runs
+from hpo_core.tracking.backlinks import parent_run_tags
 
 __all__ = ["start_study"]
 
@@ -128,7 +129,11 @@ def _open_tracking(
         experiment_id=experiment_id,
         study_name=name,
         run_name=f"{spec.name} · {run_id}",
-        tags={Tag.DAG_ID: dag_id, Tag.RUN_ID: run_id, "mlflow.note.content": spec.description},
+        tags={
+            Tag.DAG_ID: dag_id,
+            Tag.RUN_ID: run_id,
+            **parent_run_tags(dag_id, run_id, description=spec.description),
+        },
         run_id=run_id if continuous else None,
     )
     runs.log_params_once(

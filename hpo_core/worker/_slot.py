@@ -29,6 +29,7 @@ from hpo_core.storage import TrialClaim
 from hpo_core.storage import trials as stored
 from hpo_core.study.state import LoadedStudy, load_run
 from hpo_core.tracking import runs
+from hpo_core.tracking.backlinks import trial_run_tags
 from hpo_core.worker._child import (
     CHILD_KILL_GRACE,
     Child,
@@ -293,6 +294,7 @@ class _Slot:
             Tag.ATTEMPT: str(self.attempt),
             Tag.ROLE: "trial",
             "mlflow.runName": run_name,
+            **trial_run_tags(frozen.user_attrs, attempt=self.attempt),
         }
         if self.parent_run:
             tags["mlflow.parentRunId"] = self.parent_run

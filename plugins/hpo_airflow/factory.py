@@ -18,6 +18,7 @@ from airflow.sdk.exceptions import AirflowTimetableInvalid
 
 from hpo_airflow import alerts, tasks
 from hpo_airflow.backends import backend_for
+from hpo_airflow.links import finalize_task
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import SamplerSpec, StudySpec
 from hpo_core.study.config import run_bounds
@@ -145,7 +146,8 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
                 evaluated >> observed
             previous >> group
             previous = group
-        finalize = task(task_id="finalize", trigger_rule=TR.ALL_DONE)(tasks.finalize)(start)
+        # finalize carries the "Study" and "Registered model" extra links.
+        finalize = finalize_task(task_id="finalize", trigger_rule=TR.ALL_DONE)(tasks.finalize)(start)
         previous >> finalize
     return dag
 

@@ -19,7 +19,7 @@ from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
 from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError
 from hpo_core.payloads import FinalizeResult, RoundSummary, SlotPayload, StudyHandle
 from hpo_core.spec import StudySpec
-from hpo_core.study.config import study_name_for
+from hpo_core.study.config import slot_task_id, study_name_for
 
 __all__ = ["finalize", "observe", "start", "suggest"]
 
@@ -117,7 +117,7 @@ def observe(study: StudyHandle | None, round_number: int) -> RoundSummary:
 
 def _evaluate_states(context: Any, round_number: int) -> dict[int, str]:
     """Final Airflow states of this round's mapped trial tasks, by map index."""
-    task_id = f"round_{round_number}.evaluate"
+    task_id = slot_task_id(round_number)
     dag_run = context["dag_run"]
     try:
         found = context["ti"].get_task_states(

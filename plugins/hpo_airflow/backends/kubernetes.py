@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from hpo_core.deployment import ENV_AIRFLOW_URL, airflow_url
 from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
 
@@ -54,11 +55,12 @@ def worker_image(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
 
 
 def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:
-    """One mapped KubernetesPodOperator task (one pod) per slot of ``suggest``'s ``batch``."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    """One mapped KubernetesPodOperator task (one pod) per slot of ``suggest``'s ``batch``, with the
+    slot's "MLflow run" extra link (:class:`~hpo_airflow.backends.kubernetes_operator.SlotPodOperator`)."""
+    from hpo_airflow.backends.kubernetes_operator import SlotPodOperator
 
     label = f"{{{{ task.annotations['{SLOT_LABEL_ANNOTATION}'] }}}}"
-    return KubernetesPodOperator.partial(
+    return SlotPodOperator.partial(
         **common, map_index_template=label, **trial_pod_settings(spec)
     ).expand_kwargs(batch.map(slot_pod_overrides))
 
@@ -126,6 +128,9 @@ def trial_pod_settings(spec: StudySpec, env: Mapping[str, str] | None = None) ->
         "do_xcom_push": False,
         "pod_template_file": worker.pod_template_file,
     }
+    airflow = airflow_url(env)
+    if airflow:  # the trial's MLflow run links back to its task instance (no credential in the URL)
+        settings["env_vars"].append(k8s.V1EnvVar(name=ENV_AIRFLOW_URL, value=airflow))
     if env.get(ENV_CONFIG_FILE):
         settings["config_file"] = env[ENV_CONFIG_FILE]
         settings["in_cluster"] = False

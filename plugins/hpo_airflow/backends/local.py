@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from airflow.sdk import get_current_context, task
+from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowException
 
+from hpo_airflow.links import slot_task
 from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
 from hpo_core.payloads import SlotPayload, SlotResult, StudyHandle
 from hpo_core.spec import StudySpec
@@ -30,7 +31,8 @@ SLOT_LABEL_TEMPLATE = "{{ task.op_kwargs['slot']['label'] }}{{ " + SLOT_STATUS_K
 
 
 def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:
-    """One mapped Python task per slot of ``suggest``'s ``batch``, evaluating it in the task process."""
+    """One mapped Python task per slot of ``suggest``'s ``batch``, evaluating it in the task process
+    (with the slot's "MLflow run" extra link: :class:`~hpo_airflow.links.SlotTaskOperator`)."""
     timeout = spec.trial.execution_timeout
     maximize = spec.all_directions[0] == "maximize"
 
@@ -39,7 +41,7 @@ def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any
 
     evaluate.__doc__ = "Evaluate one slot of the round's trials in a warm local worker."
     return (
-        task(**common, map_index_template=SLOT_LABEL_TEMPLATE)(evaluate)
+        slot_task(**common, map_index_template=SLOT_LABEL_TEMPLATE)(evaluate)
         .partial(study=start)
         .expand(slot=batch)
     )
