@@ -8,6 +8,7 @@ it, so one trial's crash, hang or kill ends only that trial.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import get_current_context, task
@@ -17,7 +18,14 @@ from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
 from hpo_core.payloads import SlotPayload, SlotResult, StudyHandle
 from hpo_core.spec import StudySpec
 
-__all__ = ["SLOT_LABEL_TEMPLATE", "SLOT_STATUS_KEY", "evaluate_slot", "map_slots", "worker_image"]
+__all__ = [
+    "SLOT_LABEL_TEMPLATE",
+    "SLOT_STATUS_KEY",
+    "check",
+    "evaluate_slot",
+    "map_slots",
+    "worker_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,10 @@ SLOT_STATUS_KEY = "hpo_slot_status"
 #: is there before the task runs and stays when it is killed or times out; a slot of several
 #: trials adds how they went once it ends (`` · 3 done · best 0.993``).
 SLOT_LABEL_TEMPLATE = "{{ task.op_kwargs['slot']['label'] }}{{ " + SLOT_STATUS_KEY + " | default('') }}"
+
+
+def check(spec: StudySpec, *, source: str | Path) -> None:
+    """Nothing beyond the spec: local slots run in Airflow's own task processes."""
 
 
 def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:
