@@ -62,7 +62,7 @@ class ObjectiveSource:
     path: Path
     #: Names of its positional parameters without a default (``None``: not a plain ``def``).
     required: tuple[str, ...] | None
-    #: Whether its module calls one of :data:`MODEL_LOGGING_CALLS` anywhere.
+    #: Whether it calls one of :data:`MODEL_LOGGING_CALLS`, itself or through functions of its module.
     logs_model: bool
 
     @property
@@ -114,7 +114,10 @@ def check_imports(spec: StudySpec, *, source: str | Path) -> list[str]:
         _check_signature(hook, "objective", where, source, ("model", "ctx"))
         checked.append(f"evaluate hook {where}")
     _check_model_logged(
-        spec, source, optuna_style=_optuna_style(objective), logs_model=_module_logs_model(module)
+        spec,
+        source,
+        optuna_style=_optuna_style(objective),
+        logs_model=_module_logs_model(module, spec.objective.partition(":")[2]),
     )
     return checked
 
@@ -141,7 +144,7 @@ def objective_source(path: str) -> ObjectiveSource | None:
             required = tuple(a.arg for a in positional[: len(positional) - len(args.defaults)])
             if args.vararg is not None:
                 required = None  # ``*args``: called either way
-    return ObjectiveSource(path=file, required=required, logs_model=_tree_logs_model(tree))
+    return ObjectiveSource(path=file, required=required, logs_model=_logs_model(tree, attr))
 
 
 def _module_file(module_name: str) -> Path | None:
@@ -154,22 +157,48 @@ def _module_file(module_name: str) -> Path | None:
     return None
 
 
-def _tree_logs_model(tree: ast.AST) -> bool:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            if name in MODEL_LOGGING_CALLS:
+def _logs_model(tree: ast.Module, function: str) -> bool:
+    """Whether ``function`` of the module ``tree`` calls one of :data:`MODEL_LOGGING_CALLS`, itself
+    or through the module's other functions it calls (a function not found: cannot tell, so yes)."""
+    defined = {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    }
+    if function not in defined:
+        return True
+    top_level = [node for node in tree.body if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    for node in (n for stmt in top_level for n in ast.walk(stmt)):  # e.g. mlflow.autolog() on import
+        if isinstance(node, ast.Call) and _called_name(node) in MODEL_LOGGING_CALLS:
+            return True
+    pending, seen = [function], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(defined[name]):
+            if not isinstance(node, ast.Call):
+                continue
+            called = _called_name(node)
+            if called in MODEL_LOGGING_CALLS:
                 return True
+            if called in defined:
+                pending.append(called)
     return False
 
 
-def _module_logs_model(module: Any) -> bool:
+def _called_name(call: ast.Call) -> str | None:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+
+
+def _module_logs_model(module: Any, function: str) -> bool:
     try:
-        text = inspect.getsource(module)
-    except (OSError, TypeError):
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
         return True  # cannot tell: do not refuse
-    return _tree_logs_model(ast.parse(text))
+    return _logs_model(tree, function)
 
 
 def _optuna_style(func: Callable[..., Any]) -> bool:

@@ -29,6 +29,7 @@ CHOICE = st.one_of(
     st.booleans(),
     st.none(),
 )
+PRUNERS = ["none", "median", "percentile", "successive_halving", "hyperband"]
 SCHEDULES = st.sampled_from([None, "@daily", "@hourly", "@once", "0 3 * * *", "*/15 2-5 * * 1-5"])
 
 
@@ -159,7 +160,7 @@ def study_files(draw: st.DrawFn) -> dict[str, Any]:
     }
     if "direction" in section and draw(st.booleans()):
         data["pruner"] = {
-            "type": draw(st.sampled_from(["none", "median", "percentile", "successive_halving", "hyperband"])),
+            "type": draw(st.sampled_from(PRUNERS)),
             "n_startup_trials": draw(st.integers(0, 10)),
             "n_warmup_steps": draw(st.integers(0, 10)),
             "percentile": draw(st.floats(1.0, 99.0)),
