@@ -51,6 +51,7 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     study, spec = loaded.study, loaded.spec
     counts = count_trials(study)
     best = pick_best(study, spec)
+    index = spec.objective_metrics.index(spec.score_metric)
     out: dict[str, Any] = {
         "study": study_name,
         "trials": {
@@ -61,7 +62,10 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
             "running": counts.running,
         },
         "best_trial": None if best is None else best.number,
-        "best_value": None if best is None else best.values[0],
+        # The metric that ranks trials (pareto_choice.metric with several objectives), and every value.
+        "best_metric": spec.score_metric,
+        "best_value": None if best is None else best.values[index],
+        "best_values": None if best is None else dict(zip(spec.objective_metrics, best.values, strict=True)),
         "best_params": None if best is None else best.params,
         "mlflow_parent_run_id": loaded.attrs.get(StudyAttr.PARENT_RUN),
         "mlflow_tracking_uri": deployment.tracking_uri if "@" not in deployment.tracking_uri else "(hidden)",
@@ -106,7 +110,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         f"trials           {t['counted']} ({t['complete']} complete, {t['pruned']} pruned, "
         f"{t['failed']} failed)"
     )
-    print(f"best value       {summary['best_value']}  (trial {summary['best_trial']})")
+    best = f"{summary['best_metric']}={summary['best_value']}"
+    print(f"best value       {best}  (trial {summary['best_trial']})")
+    if summary["best_values"] and len(summary["best_values"]) > 1:
+        print(f"best values      {json.dumps(summary['best_values'])}")
     print(f"best params      {json.dumps(summary['best_params'], sort_keys=True)}")
     print(f"MLflow parent run {summary['mlflow_parent_run_id']}")
     reg = summary.get("registered_model")

@@ -38,6 +38,9 @@ class StudyAttr:
     WARM_START: Final = "hpo.warm_start"
     #: The image the study's trials run in, when the worker backend runs them in one (Kubernetes).
     WORKER_IMAGE: Final = "hpo.worker_image"
+    #: The model the ``refit`` hook fitted for the best trial: ``{"trial", "model_uri", "run_id",
+    #: "lineage"}``; a second finalize registers it instead of fitting again.
+    REFIT: Final = "hpo.refit"
 
 
 class TrialAttr:
@@ -86,6 +89,8 @@ class Tag:
     RETRY_OF: Final = "hpo.retry_of"
     ERROR: Final = "hpo.error"
     PRUNED: Final = "hpo.pruned"
+    #: On the run the ``refit`` hook fitted the registered model in (role ``refit``): its hook.
+    REFIT: Final = "hpo.refit"
     #: On the parent run once finalize ran.
     OUTCOME: Final = "hpo.outcome"
     BEST_TRIAL: Final = "hpo.best_trial"

@@ -48,6 +48,8 @@ def start_study(
     # What the DAG factory checked at parse time may have changed since (the objective's code).
     checks.check_study(spec, source=dag_id)
     config = RunConfig.resolve(spec, overrides)
+    if config.adjusted:
+        log.warning("run settings adjusted: %s", config.adjusted)
     name = study_name or study_name_for(spec, run_id)
     deployment.ensure_local_dirs()
     with flushing(deployment.storage_url):
@@ -143,6 +145,7 @@ def _open_tracking(
             "seed": config.seed,
             "sampler": spec.sampler.type,
             "max_rounds": spec.budget.max_rounds,
+            **({"adjusted": config.adjusted} if config.adjusted else {}),
             **{f"sampler.{k}": v for k, v in sorted(config.sampler_options.items())},
         },
     )

@@ -48,7 +48,10 @@ def study_params(spec: StudySpec) -> dict[str, Param]:
             minimum=1,
             maximum=max_trials,
             title="Trials",
-            description=f"Trials in this run (at most max_rounds x max_batch_size = {max_trials}).",
+            description=(
+                f"Trials in this run (at most max_rounds x max_batch_size = {max_trials}); the batch "
+                "size is raised when the trials would not fit in max_rounds otherwise."
+            ),
         ),
         "batch_size": Param(
             spec.budget.batch_size,

@@ -157,7 +157,7 @@ def finalize(study: StudyHandle | None) -> FinalizeResult:
     log.info(
         "best trial %s: %s=%s params=%s; model %s version %s (alias %s)",
         result["best_trial"],
-        next(iter(result["best_values"])),
+        result["best_metric"],
         result["best_value"],
         json.dumps(result["best_params"]),
         result.get("model_name"),
