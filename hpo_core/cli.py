@@ -83,16 +83,23 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     return out
 
 
-def _predict_check(spec: StudySpec, name: str) -> bool:
-    """Load ``models:/<name>@challenger`` and predict on a few rows of the example's data."""
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{'challenger'}")
-    input_example = None
+#: What ``--check-model`` says when it has no real rows to predict on.
+NOT_CHECKED = "not checked: the model has no input example (log it with input_example=... to check it)"
+
+
+def _predict_check(spec: StudySpec, name: str) -> bool | str:
+    """Load ``models:/<name>@challenger`` and predict on the rows of its input example.
+
+    Returns ``True`` when it predicted one value per row, ``False`` when not, and
+    :data:`NOT_CHECKED` when the model has no input example: no rows, no claim.
+    """
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{registry.CHALLENGER}")
     try:
         input_example = model.input_example
     except Exception:  # not every flavour stores one
         input_example = None
     if input_example is None:
-        return True
+        return NOT_CHECKED
     prediction = model.predict(input_example)
     return len(prediction) == len(input_example)
 

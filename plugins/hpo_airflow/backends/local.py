@@ -14,7 +14,7 @@ from typing import Any
 from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowException
 
-from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
+from hpo_airflow.settings import prepare_task_process, resolve_deployment
 from hpo_core.payloads import SlotPayload, SlotResult, StudyHandle
 from hpo_core.spec import StudySpec
 
@@ -70,7 +70,7 @@ def evaluate_slot(
     """
     from hpo_core import worker
 
-    skip_airflow_model_import()
+    prepare_task_process()
     context = get_current_context()
     ti = context["ti"]
     numbers = [int(n) for n in slot["trial_numbers"]]
