@@ -91,3 +91,8 @@ def space(trial: optuna.Trial) -> None:
 def refit(params: dict[str, Any], ctx: Any) -> QuadraticModel:
     """A refit hook: the model for the best params (a pyfunc model that predicts the loss)."""
     return QuadraticModel(dict(params))
+
+
+def two_metrics(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+    """Two objectives: ``loss`` (the quadratic, minimised) and ``score`` (= x, maximised)."""
+    return {"loss": quadratic_value(params), "score": float(params["x"])}

@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import skops.io as sio
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
@@ -115,7 +116,7 @@ def _refit(
             if model_uri is None:
                 if model is None:
                     raise ObjectiveError(f"refit hook {spec.refit!r} returned None; return the fitted model")
-                model_uri = log_model(model)
+                model_uri = log_model(model, **_own_model_kwargs(model))
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         runs.finish_trial_run(
@@ -124,3 +125,14 @@ def _refit(
         raise ObjectiveError(f"refit hook {spec.refit!r} failed for trial {best.number}: {reason}") from e
     runs.finish_trial_run(mlflow_client, run_id, state="COMPLETE", metrics={}, reason=None, error_text=None)
     return {"trial": best.number, "model_uri": model_uri, "run_id": run_id, "lineage": dict(ctx.lineage)}
+
+
+def _own_model_kwargs(model: Any) -> dict[str, Any]:
+    """For a scikit-learn model the hook just fitted in this process: trust the types it contains.
+
+    MLflow stores scikit-learn models with skops, which loads only the types it is told to trust;
+    a model this task built itself is as trusted as its code (a file from elsewhere never is).
+    """
+    if not type(model).__module__.startswith("sklearn"):
+        return {}
+    return {"skops_trusted_types": sio.get_untrusted_types(data=sio.dumps(model))}
