@@ -20,6 +20,7 @@ from hpo_core.worker import run_slot
 from tests.fixtures_core import run_worker
 
 X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
+NO_MODEL = {"experiment": "quadratic"}
 
 
 def _one_trial(deployment: Deployment, start: Callable[..., str], **changes: Any) -> tuple[str, int]:
@@ -97,7 +98,10 @@ def test_worker_refuses_to_rerun_a_finished_trial(
 def test_bad_objective_fails_the_trial_with_its_reason(
     local_deployment: Deployment, start_toy_study: Callable[..., str], objective: str, reason: str
 ) -> None:
-    name, n = _one_trial(local_deployment, start_toy_study, objective=objective, search_space=X_ONLY)
+    # No registered model: an Optuna objective(trial) that logs none would be refused at start.
+    name, n = _one_trial(
+        local_deployment, start_toy_study, objective=objective, search_space=X_ONLY, mlflow=NO_MODEL
+    )
     code, result, output = run_worker(local_deployment, name, n)
     assert code == 1, output
     assert result is not None and result["state"] == "FAIL"
@@ -117,7 +121,11 @@ def test_optuna_style_objective_gets_the_suggested_params(
     local_deployment: Deployment, start_toy_study: Callable[..., str]
 ) -> None:
     name, n = _one_trial(
-        local_deployment, start_toy_study, objective="tests.objectives:optuna_style", search_space=X_ONLY
+        local_deployment,
+        start_toy_study,
+        objective="tests.objectives:optuna_style",
+        search_space=X_ONLY,
+        mlflow=NO_MODEL,
     )
     code, _, output = run_worker(local_deployment, name, n)
     assert code == 0, output
