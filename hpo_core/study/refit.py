@@ -109,7 +109,10 @@ def _refit(
     log.info("refitting the best params of trial %d with %s", best.number, spec.refit)
     try:
         hook = import_callable(spec.refit)
-        # The hook may use MLflow's fluent API too (autolog, log_model): its run is the refit run.
+        # The hook may use MLflow's fluent API too (autolog, log_model): its run is the refit run, in
+        # the study's experiment whatever this process chose before (as the worker does for trials).
+        if attrs.get(StudyAttr.EXPERIMENT) is not None:
+            mlflow.set_experiment(experiment_id=str(attrs[StudyAttr.EXPERIMENT]))
         with mlflow.start_run(run_id=run_id, nested=True):
             model = hook(dict(best.params), ctx)
             model_uri = ctx.model_uri or logged_model_of_run(run_id)
