@@ -12,6 +12,7 @@ from typing import Any
 import mlflow
 import optuna
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpo_core.errors import ObjectiveError, SearchSpaceError
@@ -52,7 +53,10 @@ def logged_model_of_run(run_id: str) -> str | None:
     How an Optuna ``objective(trial)``, which has no ``ctx``, gives finalize its model: it calls
     ``mlflow.<flavor>.log_model(model, name="model")`` while its trial's run is active.
     """
-    logged = mlflow.last_logged_model()
+    try:
+        logged = mlflow.last_logged_model()
+    except MlflowException:  # the last model this process logged went to another tracking server
+        return None
     if logged is None or logged.source_run_id != run_id:
         return None
     return f"models:/{logged.model_id}"

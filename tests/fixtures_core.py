@@ -21,6 +21,7 @@ import yaml
 from hpo_core.deployment import Deployment
 from hpo_core.spec import StudySpec, validate_mapping
 from hpo_core.study.start import start_study
+from tests.services import database_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +114,7 @@ def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def storage_deployment(request: pytest.FixtureRequest, local_deployment: Deployment) -> Deployment:
+def storage_deployment(request: pytest.FixtureRequest, local_deployment: Deployment) -> Iterator[Deployment]:
     """The storage contract: the embedded default, once with its SQLite Optuna storage and once with
     a fresh PostgreSQL database (MLflow stays local), like Optuna's tests over every storage.
 
@@ -121,9 +122,13 @@ def storage_deployment(request: pytest.FixtureRequest, local_deployment: Deploym
     replacements and take-overs, reconciling, counts.
     """
     if request.param == "sqlite":
-        return local_deployment
-    create_database = request.getfixturevalue("create_database")
-    return dataclasses.replace(local_deployment, storage_url=create_database("hpo_contract"))
+        yield local_deployment
+        return
+    postgres = request.getfixturevalue("postgres_server")
+    url = postgres.create_database("hpo_contract")
+    yield dataclasses.replace(local_deployment, storage_url=url)
+    # The PostgreSQL server is shared: give its connections back now, not at the end of the session.
+    postgres.terminate_backends(database_name(url))
 
 
 @pytest.fixture

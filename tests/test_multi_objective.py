@@ -78,7 +78,7 @@ def test_slot_names_show_pruned_trials_and_the_chosen_metric() -> None:
     complete = TrialOutcome(8, 8, "COMPLETE", values=[0.5, 2.0])
     failed = TrialOutcome(9, 9, "FAIL", reason="RuntimeError: boom")
     assert slot_status([pruned], maximize=True) == " · pruned"
-    assert slot_status([failed], maximize=True) == " · failed"
+    assert slot_status([failed], maximize=True) == ""  # its task is red already
     assert slot_status([complete], maximize=True) == ""
     other = TrialOutcome(10, 10, "COMPLETE", values=[0.1, 3.0])
     assert slot_status([complete, pruned, failed, other], maximize=True, score_index=1) == (

@@ -103,14 +103,14 @@ def slot_status(outcomes: list[Any], *, maximize: bool, score_index: int = 0) ->
     """What is appended to a slot task's name once it ran.
 
     A slot of several trials: `` · 2 done · 1 pruned · 1 failed · best 0.993`` (done: completed).
-    One trial: `` · pruned`` or `` · failed`` (a completed trial keeps its name), since Airflow shows
-    a pruned trial's task as a success.
+    One trial: `` · pruned``, since Airflow shows a pruned trial's task green like a completed one
+    (a completed trial keeps its name; a failed one's task is red).
     """
     complete = [o for o in outcomes if o.state == "COMPLETE"]
     pruned = sum(o.state == "PRUNED" for o in outcomes)
     failed = len(outcomes) - len(complete) - pruned
     if len(outcomes) == 1:
-        return " · pruned" if pruned else " · failed" if failed else ""
+        return " · pruned" if pruned else ""
     parts = [f"{len(complete)} done"]
     if pruned:
         parts.append(f"{pruned} pruned")
