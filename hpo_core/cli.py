@@ -10,6 +10,7 @@ model's ``champion`` alias by hand, recording who and why).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 import mlflow.pyfunc
 import optuna
 
+from hpo_core import checks
 from hpo_core.deployment import Deployment, redact_url
 from hpo_core.errors import HpoError, StudySpecError
 from hpo_core.keys import StudyAttr
@@ -49,6 +51,7 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     study, spec = loaded.study, loaded.spec
     counts = count_trials(study)
     best = pick_best(study, spec)
+    index = spec.objective_metrics.index(spec.score_metric)
     out: dict[str, Any] = {
         "study": study_name,
         "trials": {
@@ -59,7 +62,10 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
             "running": counts.running,
         },
         "best_trial": None if best is None else best.number,
-        "best_value": None if best is None else best.values[0],
+        # The metric that ranks trials (pareto_choice.metric with several objectives), and every value.
+        "best_metric": spec.score_metric,
+        "best_value": None if best is None else best.values[index],
+        "best_values": None if best is None else dict(zip(spec.objective_metrics, best.values, strict=True)),
         "best_params": None if best is None else best.params,
         "mlflow_parent_run_id": loaded.attrs.get(StudyAttr.PARENT_RUN),
         "mlflow_tracking_uri": deployment.tracking_uri if "@" not in deployment.tracking_uri else "(hidden)",
@@ -77,16 +83,23 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     return out
 
 
-def _predict_check(spec: StudySpec, name: str) -> bool:
-    """Load ``models:/<name>@challenger`` and predict on a few rows of the example's data."""
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{'challenger'}")
-    input_example = None
+#: What ``--check-model`` says when it has no real rows to predict on.
+NOT_CHECKED = "not checked: the model has no input example (log it with input_example=... to check it)"
+
+
+def _predict_check(spec: StudySpec, name: str) -> bool | str:
+    """Load ``models:/<name>@challenger`` and predict on the rows of its input example.
+
+    Returns ``True`` when it predicted one value per row, ``False`` when not, and
+    :data:`NOT_CHECKED` when the model has no input example: no rows, no claim.
+    """
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{registry.CHALLENGER}")
     try:
         input_example = model.input_example
     except Exception:  # not every flavour stores one
         input_example = None
     if input_example is None:
-        return True
+        return NOT_CHECKED
     prediction = model.predict(input_example)
     return len(prediction) == len(input_example)
 
@@ -104,7 +117,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         f"trials           {t['counted']} ({t['complete']} complete, {t['pruned']} pruned, "
         f"{t['failed']} failed)"
     )
-    print(f"best value       {summary['best_value']}  (trial {summary['best_trial']})")
+    best = f"{summary['best_metric']}={summary['best_value']}"
+    print(f"best value       {best}  (trial {summary['best_trial']})")
+    if summary["best_values"] and len(summary["best_values"]) > 1:
+        print(f"best values      {json.dumps(summary['best_values'])}")
     print(f"best params      {json.dumps(summary['best_params'], sort_keys=True)}")
     print(f"MLflow parent run {summary['mlflow_parent_run_id']}")
     reg = summary.get("registered_model")
@@ -193,17 +209,41 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+def _airflow_loader() -> tuple[Any, str | None]:
+    """The Airflow side's study-file loader, or ``None`` and why it is not available here."""
+    try:
+        return importlib.import_module(checks.AIRFLOW_LOADER), None
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """``hpo validate``: every check the DAG factory and ``start`` run (see :mod:`hpo_core.checks`)."""
+    loader, missing = _airflow_loader()
+    if loader is None:
+        print(
+            f"note: Airflow is not importable here ({missing}); not checked: {checks.AIRFLOW_ONLY}. "
+            "Run hpo validate where Airflow is installed to check them too.",
+            file=sys.stderr,
+        )
     failed = 0
-    for path in args.files:
+    owners: dict[str, Path] = {}
+    for name in args.files:
+        path = Path(name)
         try:
-            spec = load_spec(Path(path))
-            print(f"ok      {path} -> DAG {spec.dag_id}")
+            if loader is not None:
+                spec, _ = loader.load_study_file(path, taken=owners)
+            else:
+                spec = load_spec(path)
+                checks.check_study(spec, source=path)
+            owners.setdefault(spec.dag_id, path)
+            imported = checks.check_imports(spec, source=path) if args.check_imports else []
         except StudySpecError as e:
             failed += 1
             print(f"invalid {e}", file=sys.stderr)
+            continue
+        extra = f" (imported: {'; '.join(imported)})" if imported else ""
+        print(f"ok      {path} -> DAG {spec.dag_id}{extra}")
     return 1 if failed else 0
 
 
@@ -233,8 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_summary)
     _status_parser(sub)
-    v = sub.add_parser("validate", help="validate study files")
+    v = sub.add_parser(
+        "validate", help="check study files as the DAG factory and start do (exit 1 if one is invalid)"
+    )
     v.add_argument("files", nargs="+")
+    v.add_argument(
+        "--check-imports",
+        action="store_true",
+        help="also import the objective, space function, evaluate and refit hooks and check their signatures",
+    )
     v.set_defaults(func=_cmd_validate)
     schema = sub.add_parser("schema", help="print the study file's JSON Schema (for editors)")
     schema.add_argument("--output", "-o", help=f"write it to this file (the repository keeps {SCHEMA_PATH})")

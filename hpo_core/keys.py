@@ -42,6 +42,9 @@ class StudyAttr:
     OUTCOME: Final = "hpo.outcome"
     #: The model version finalize registered for the run: ``{"name", "version"}``.
     REGISTERED_MODEL: Final = "hpo.registered_model"
+    #: The model the ``refit`` hook fitted for the best trial: ``{"trial", "model_uri", "run_id",
+    #: "lineage"}``; a second finalize registers it instead of fitting again.
+    REFIT: Final = "hpo.refit"
 
 
 class TrialAttr:
@@ -100,6 +103,8 @@ class Tag:
     DAG_RUN_URL: Final = "airflow.dag_run_url"
     #: MLflow's own: the run's description, shown as Markdown (the study's description, links to Airflow).
     NOTE: Final = "mlflow.note.content"
+    #: On the run the ``refit`` hook fitted the registered model in (role ``refit``): its hook.
+    REFIT: Final = "hpo.refit"
     #: On the parent run once finalize ran.
     OUTCOME: Final = "hpo.outcome"
     BEST_TRIAL: Final = "hpo.best_trial"

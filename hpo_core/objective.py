@@ -12,12 +12,54 @@ from typing import Any
 import mlflow
 import optuna
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpo_core.errors import ObjectiveError, SearchSpaceError
 from hpo_core.spec import StudySpec
 
-__all__ = ["PresetTrial", "TrialContext", "call_objective", "normalize_result"]
+__all__ = [
+    "PresetTrial",
+    "RefitContext",
+    "TrialContext",
+    "call_objective",
+    "log_model",
+    "logged_model_of_run",
+    "normalize_result",
+]
+
+
+def log_model(model: Any, *, name: str = "model", flavor: str | None = None, **kwargs: Any) -> str:
+    """Log ``model`` to the active MLflow run with its flavour; return its model URI (``models:/m-…``).
+
+    ``flavor`` defaults to ``sklearn`` for scikit-learn estimators and ``pyfunc`` otherwise.
+    """
+    if flavor is None:
+        flavor = "sklearn" if type(model).__module__.startswith("sklearn") else "pyfunc"
+    module = getattr(mlflow, flavor, None)
+    if module is None or not hasattr(module, "log_model"):
+        raise ObjectiveError(f"unknown MLflow flavor {flavor!r}")
+    if flavor == "pyfunc" and "python_model" not in kwargs:
+        kwargs["python_model"] = model
+        info = module.log_model(name=name, **kwargs)
+    else:
+        info = module.log_model(model, name=name, **kwargs)
+    return str(info.model_uri)
+
+
+def logged_model_of_run(run_id: str) -> str | None:
+    """The model this process last logged to run ``run_id`` with MLflow's own API, if any.
+
+    How an Optuna ``objective(trial)``, which has no ``ctx``, gives finalize its model: it calls
+    ``mlflow.<flavor>.log_model(model, name="model")`` while its trial's run is active.
+    """
+    try:
+        logged = mlflow.last_logged_model()
+    except MlflowException:  # the last model this process logged went to another tracking server
+        return None
+    if logged is None or logged.source_run_id != run_id:
+        return None
+    return f"models:/{logged.model_id}"
 
 
 class TrialContext:
@@ -30,7 +72,7 @@ class TrialContext:
     def __init__(
         self,
         *,
-        trial: optuna.trial.Trial,
+        trial: optuna.trial.BaseTrial,
         spec: StudySpec,
         params: Mapping[str, Any],
         seed: int,
@@ -108,18 +150,24 @@ class TrialContext:
 
         ``flavor`` defaults to ``sklearn`` for scikit-learn estimators and ``pyfunc`` otherwise.
         """
-        if flavor is None:
-            flavor = "sklearn" if type(model).__module__.startswith("sklearn") else "pyfunc"
-        module = getattr(mlflow, flavor, None)
-        if module is None or not hasattr(module, "log_model"):
-            raise ObjectiveError(f"unknown MLflow flavor {flavor!r}")
-        if flavor == "pyfunc" and "python_model" not in kwargs:
-            kwargs["python_model"] = model
-            info = module.log_model(name=name, **kwargs)
-        else:
-            info = module.log_model(model, name=name, **kwargs)
-        self.model_uri = str(info.model_uri)
+        self.model_uri = log_model(model, name=name, flavor=flavor, **kwargs)
         return self.model_uri
+
+
+class RefitContext(TrialContext):
+    """What the ``refit`` hook gets: the best trial's number, the run's seed, MLflow logging.
+
+    The hook fits the model to register with the best params (typically on all the data) and
+    returns it; finalize logs it, unless the hook logged it itself with :meth:`log_model` (e.g. to
+    give an ``input_example``). Nothing is reported or pruned here.
+    """
+
+    def report(self, value: float, step: int) -> None:
+        """Accepted for code shared with the objective; a refit has nothing to prune."""
+
+    def should_prune(self) -> bool:
+        """Never: a refit runs to the end."""
+        return False
 
 
 class PresetTrial:

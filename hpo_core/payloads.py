@@ -98,6 +98,8 @@ class FinalizeResult(TypedDict):
     study_name: str
     best_trial: int
     best_values: dict[str, float]
+    #: The metric that ranks trials (``pareto_choice.metric`` with several objectives) and its value.
+    best_metric: str
     best_value: float
     best_params: dict[str, Any]
     complete: int

@@ -19,8 +19,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import JsonDict
@@ -30,7 +32,9 @@ from hpo_core.errors import StudySpecError
 from hpo_core.samplers import SAMPLERS
 
 __all__ = [
+    "NAME_PATTERN",
     "SCHEMA_PATH",
+    "SEED_MAX",
     "AlertsSpec",
     "BudgetSpec",
     "CategoricalParam",
@@ -54,9 +58,15 @@ __all__ = [
     "study_schema_text",
 ]
 
-_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+#: A study name (the DAG id is ``hpo_<name>``).
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+_NAME_RE = NAME_PATTERN
 _IMPORT_PATH_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 CategoricalValue = str | int | float | bool | None
+#: The largest sampler seed (numpy's limit); the trigger form has the same bound.
+SEED_MAX = 2**32 - 1
+#: Airflow refuses a DAG tag longer than this.
+TAG_MAX_LENGTH = 100
 
 
 #: Error type of :func:`_at`: a message located below the object being validated.
@@ -71,7 +81,9 @@ def _at(path: str, value: Any, message: str) -> PydanticCustomError:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # No NaN or infinity anywhere: they mean nothing in a study file, and JSON (the stored spec) has
+    # no spelling for them.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class Condition(_Frozen):
@@ -81,6 +93,12 @@ class Condition(_Frozen):
     equals: CategoricalValue = None
     in_: list[CategoricalValue] | None = Field(default=None, alias="in")
 
+    @field_validator("equals", "in_", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        _refuse_non_finite(v)
+        return v
+
     @model_validator(mode="after")
     def _one_of(self) -> Condition:
         if ("equals" in self.model_fields_set) == (self.in_ is not None):
@@ -88,6 +106,14 @@ class Condition(_Frozen):
         if self.in_ is not None and not self.in_:
             raise ValueError("'in' needs at least one value")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_given_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Serialise ``equals`` or ``in``, never both: the stored spec must validate again."""
+        data: dict[str, Any] = handler(self)
+        for key in ("equals",) if self.in_ is not None else ("in", "in_"):
+            data.pop(key, None)
+        return data
 
     @property
     def values(self) -> list[CategoricalValue]:
@@ -141,6 +167,12 @@ class CategoricalParam(_ParamBase):
     type: Literal["categorical"]
     choices: list[CategoricalValue]
 
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        _refuse_non_finite(v)
+        return v
+
     @field_validator("choices")
     @classmethod
     def _distinct(cls, v: list[CategoricalValue]) -> list[CategoricalValue]:
@@ -149,6 +181,13 @@ class CategoricalParam(_ParamBase):
         if len({json.dumps(c) for c in v}) != len(v):
             raise ValueError(f"choices must be distinct, got {v!r}")
         return v
+
+
+def _refuse_non_finite(value: Any) -> None:
+    """A categorical value (or a list of them) may not be NaN or infinite: no JSON, no equality."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{v!r} is not a usable value; use finite numbers, strings, booleans or null")
 
 
 ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
@@ -184,7 +223,8 @@ class SamplerSpec(_Frozen):
 
     # The registry's names, for editors completing study files (the validator below checks them).
     type: str = Field(default="tpe", json_schema_extra={"enum": list(SAMPLERS)})
-    seed: int | None = None
+    #: numpy's range for seeds (Optuna's samplers seed a ``RandomState`` with it).
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     multivariate: bool = Field(default=False, json_schema_extra=_TRIGGER)
     constant_liar: bool = Field(default=True, json_schema_extra=_TRIGGER)
     n_startup_trials: int | None = Field(default=None, ge=0, le=10_000, json_schema_extra=_TRIGGER)
@@ -302,13 +342,20 @@ class MlflowSpec(_Frozen):
     registered_model: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+#: A Kubernetes quantity (``500m``, ``2``, ``4Gi``, ``1e3``).
+_QUANTITY_RE = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+#: A Kubernetes DNS-1123 label (namespaces) and subdomain (service accounts, secrets).
+_DNS_LABEL_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
 class ResourcesSpec(_Frozen):
     """Kubernetes resources of one trial pod."""
 
-    cpu: str = "1"
-    memory: str = "2Gi"
-    cpu_limit: str | None = None
-    memory_limit: str | None = None
+    cpu: str = Field(default="1", pattern=_QUANTITY_RE)
+    memory: str = Field(default="2Gi", pattern=_QUANTITY_RE)
+    cpu_limit: str | None = Field(default=None, pattern=_QUANTITY_RE)
+    memory_limit: str | None = Field(default=None, pattern=_QUANTITY_RE)
     gpu: int = Field(default=0, ge=0, le=16)
 
 
@@ -318,16 +365,16 @@ class WorkerSpec(_Frozen):
     #: A backend registered in ``plugins/hpo_airflow/backends`` (``local``, ``kubernetes``); the DAG
     #: factory checks the name, since the backends are Airflow's side.
     backend: str = Field(default="local", pattern=r"^[a-z][a-z0-9_]*$")
-    image: str | None = None
+    image: str | None = Field(default=None, min_length=1)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    namespace: str | None = None
-    service_account: str | None = None
+    namespace: str | None = Field(default=None, pattern=_DNS_LABEL_RE)
+    service_account: str | None = Field(default=None, max_length=253, pattern=_DNS_SUBDOMAIN_RE)
     resources: ResourcesSpec = ResourcesSpec()
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: dict[str, Any] = Field(default_factory=dict)
     pod_template_file: str | None = None
-    secret_name: str = "hpo-trial-credentials"
+    secret_name: str = Field(default="hpo-trial-credentials", max_length=253, pattern=_DNS_SUBDOMAIN_RE)
     startup_timeout: int = Field(default=300, gt=0)
     on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_succeeded_pod"
     pool: str | None = None
@@ -405,7 +452,7 @@ class StudySpec(_Frozen):
     name: str = Field(pattern=_NAME_RE)
     description: str = ""
     owner: str = "airflow"
-    tags: list[str] = Field(default_factory=list)
+    tags: list[Annotated[str, Field(min_length=1, max_length=TAG_MAX_LENGTH)]] = Field(default_factory=list)
     objective: str = Field(pattern=_IMPORT_PATH_RE)
     direction: Literal["minimize", "maximize"] | None = None
     directions: list[Literal["minimize", "maximize"]] | None = None
@@ -413,6 +460,9 @@ class StudySpec(_Frozen):
     metrics: list[str] | None = None
     search_space: dict[str, ParamSpec] | None = None
     space_function: str | None = Field(default=None, pattern=_IMPORT_PATH_RE)
+    #: ``module:function`` ``(params, ctx) -> model``: finalize fits the model to register with the
+    #: best params (the "tune, then refit the best on all the data" step).
+    refit: str | None = Field(default=None, pattern=_IMPORT_PATH_RE)
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     budget: BudgetSpec
@@ -507,6 +557,12 @@ class StudySpec(_Frozen):
         if self.schedule is not None and not self.schedule.strip():
             raise _at("schedule", self.schedule, "must be a cron expression, a preset like '@daily', or null")
         if self.mlflow.registered_model is None:
+            if self.refit is not None:
+                raise _at(
+                    "refit",
+                    self.refit,
+                    "fits the model to register: set mlflow.registered_model, or remove refit",
+                )
             if self.promotion.rule != "never":
                 raise _at(
                     "promotion.rule",
@@ -747,7 +803,15 @@ _PATTERN_HINTS = {
     "name": "must start with a letter and use only letters, digits and underscores (at most 64)",
     "objective": "is not an import path; write it as 'package.module:function'",
     "space_function": "is not an import path; write it as 'package.module:function'",
+    "refit": "is not an import path; write it as 'package.module:function'",
     "backend": "must be the name of a worker backend, e.g. 'local' or 'kubernetes'",
+    "namespace": "must be a Kubernetes namespace name: lower-case letters, digits and '-' (at most 63)",
+    "service_account": "must be a Kubernetes name: lower-case letters, digits, '-' and '.'",
+    "secret_name": "must be a Kubernetes name: lower-case letters, digits, '-' and '.'",
+    **{
+        key: "must be a Kubernetes quantity, e.g. '500m', '2', '4Gi'"
+        for key in ("cpu", "memory", "cpu_limit", "memory_limit")
+    },
     "webhook_url_env": "must name an environment variable that holds the URL (e.g. HPO_ALERT_WEBHOOK_URL), "
     "not the URL itself",
 }

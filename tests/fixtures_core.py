@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import yaml
 from hpo_core.deployment import Deployment
 from hpo_core.spec import StudySpec, validate_mapping
 from hpo_core.study.start import start_study
+from tests.services import database_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,18 +98,43 @@ def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_
     return deployment
 
 
-@pytest.fixture
-def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
-    """Start a toy study (optionally with spec changes) and return its Optuna study name."""
-
+def _starter(deployment: Deployment) -> Callable[..., str]:
     def start(run_id: str = "manual__test", overrides: dict[str, Any] | None = None, **changes: Any) -> str:
         spec = make_spec(**changes)
-        out = start_study(
-            spec, deployment=local_deployment, dag_id=spec.dag_id, run_id=run_id, overrides=overrides
-        )
+        out = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id, overrides=overrides)
         return str(out["study_name"])
 
     return start
+
+
+@pytest.fixture
+def start_toy_study(local_deployment: Deployment) -> Callable[..., str]:
+    """Start a toy study (optionally with spec changes) and return its Optuna study name."""
+    return _starter(local_deployment)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_deployment(request: pytest.FixtureRequest, local_deployment: Deployment) -> Iterator[Deployment]:
+    """The storage contract: the embedded default, once with its SQLite Optuna storage and once with
+    a fresh PostgreSQL database (MLflow stays local), like Optuna's tests over every storage.
+
+    For the tests whose correctness depends on the storage: suggest's idempotency, retries,
+    replacements and take-overs, reconciling, counts.
+    """
+    if request.param == "sqlite":
+        yield local_deployment
+        return
+    postgres = request.getfixturevalue("postgres_server")
+    url = postgres.create_database("hpo_contract")
+    yield dataclasses.replace(local_deployment, storage_url=url)
+    # The PostgreSQL server is shared: give its connections back now, not at the end of the session.
+    postgres.terminate_backends(database_name(url))
+
+
+@pytest.fixture
+def start_on_storage(storage_deployment: Deployment) -> Callable[..., str]:
+    """``start_toy_study`` on the ``storage_deployment`` of the test's parameter."""
+    return _starter(storage_deployment)
 
 
 def worker_env(deployment: Deployment, **extra: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from hpo_core.examples.quadratic import quadratic_value
+from hpo_core.examples.quadratic import QuadraticModel, quadratic_value
 from hpo_core.objective import TrialContext
 
 
@@ -81,3 +81,18 @@ def recorded(params: dict[str, Any], ctx: TrialContext) -> float:
     if ctx.number in failing:
         raise RuntimeError(f"trial {ctx.number} fails on purpose")
     return quadratic_value(params)
+
+
+def space(trial: optuna.Trial) -> None:
+    """A define-by-run space function: one float."""
+    trial.suggest_float("x", -5, 5)
+
+
+def refit(params: dict[str, Any], ctx: Any) -> QuadraticModel:
+    """A refit hook: the model for the best params (a pyfunc model that predicts the loss)."""
+    return QuadraticModel(dict(params))
+
+
+def two_metrics(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+    """Two objectives: ``loss`` (the quadratic, minimised) and ``score`` (= x, maximised)."""
+    return {"loss": quadratic_value(params), "score": float(params["x"])}

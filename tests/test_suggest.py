@@ -63,29 +63,29 @@ def test_conditional_param_present_only_when_active(
 
 
 def test_resuggesting_a_round_returns_the_same_batch(
-    local_deployment: Deployment, start_toy_study: Callable[..., str]
+    storage_deployment: Deployment, start_on_storage: Callable[..., str]
 ) -> None:
-    name = start_toy_study()
-    first, _ = _suggest(local_deployment, name, 1)
-    again, _ = _suggest(local_deployment, name, 1)
+    name = start_on_storage()
+    first, _ = _suggest(storage_deployment, name, 1)
+    again, _ = _suggest(storage_deployment, name, 1)
     assert again == first
-    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    study = optuna.load_study(study_name=name, storage=storage_deployment.storage_url)
     assert len(study.trials) == len(first)
 
 
 def test_budget_caps_the_last_batch_and_then_skips(
-    local_deployment: Deployment, start_toy_study: Callable[..., str]
+    storage_deployment: Deployment, start_on_storage: Callable[..., str]
 ) -> None:
-    name = start_toy_study(overrides={"n_trials": 5, "batch_size": 3})
-    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
-    first, _ = _suggest(local_deployment, name, 1)
+    name = start_on_storage(overrides={"n_trials": 5, "batch_size": 3})
+    study = optuna.load_study(study_name=name, storage=storage_deployment.storage_url)
+    first, _ = _suggest(storage_deployment, name, 1)
     for b in first:
         study.tell(b["trial_number"], 0.5)
-    second, _ = _suggest(local_deployment, name, 2)
+    second, _ = _suggest(storage_deployment, name, 2)
     assert len(first) == 3 and len(second) == 2
     for b in second:
         study.tell(b["trial_number"], 0.5)
-    third, reason = _suggest(local_deployment, name, 3)
+    third, reason = _suggest(storage_deployment, name, 3)
     assert third == []
     assert reason == "budget spent: 5 of 5 trials"
 

@@ -14,11 +14,13 @@ from optuna.trial import TrialState
 from hpo_core.deployment import Deployment
 from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.study.accounting import count_trials
+from hpo_core.study.observe import observe_round
 from hpo_core.study.suggest import suggest_batch
 from hpo_core.worker import run_slot
 from tests.fixtures_core import run_worker
 
 X_ONLY = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
+NO_MODEL = {"experiment": "quadratic"}
 
 
 def _one_trial(deployment: Deployment, start: Callable[..., str], **changes: Any) -> tuple[str, int]:
@@ -96,7 +98,10 @@ def test_worker_refuses_to_rerun_a_finished_trial(
 def test_bad_objective_fails_the_trial_with_its_reason(
     local_deployment: Deployment, start_toy_study: Callable[..., str], objective: str, reason: str
 ) -> None:
-    name, n = _one_trial(local_deployment, start_toy_study, objective=objective, search_space=X_ONLY)
+    # No registered model: an Optuna objective(trial) that logs none would be refused at start.
+    name, n = _one_trial(
+        local_deployment, start_toy_study, objective=objective, search_space=X_ONLY, mlflow=NO_MODEL
+    )
     code, result, output = run_worker(local_deployment, name, n)
     assert code == 1, output
     assert result is not None and result["state"] == "FAIL"
@@ -116,7 +121,11 @@ def test_optuna_style_objective_gets_the_suggested_params(
     local_deployment: Deployment, start_toy_study: Callable[..., str]
 ) -> None:
     name, n = _one_trial(
-        local_deployment, start_toy_study, objective="tests.objectives:optuna_style", search_space=X_ONLY
+        local_deployment,
+        start_toy_study,
+        objective="tests.objectives:optuna_style",
+        search_space=X_ONLY,
+        mlflow=NO_MODEL,
     )
     code, _, output = run_worker(local_deployment, name, n)
     assert code == 0, output
@@ -126,20 +135,20 @@ def test_optuna_style_objective_gets_the_suggested_params(
 
 
 def test_retry_of_a_failed_trial_creates_a_replacement_with_the_same_params(
-    local_deployment: Deployment, start_toy_study: Callable[..., str], tmp_path: Path
+    storage_deployment: Deployment, start_on_storage: Callable[..., str], tmp_path: Path
 ) -> None:
     name, n = _one_trial(
-        local_deployment,
-        start_toy_study,
+        storage_deployment,
+        start_on_storage,
         objective="tests.objectives:fails_first_attempt",
         search_space=X_ONLY,
     )
     markers = {"HPO_TEST_MARKERS": str(tmp_path / "markers")}
-    assert run_worker(local_deployment, name, n, extra_env=markers)[0] == 1
-    code, result, output = run_worker(local_deployment, name, n, attempt=2, extra_env=markers)
+    assert run_worker(storage_deployment, name, n, extra_env=markers)[0] == 1
+    code, result, output = run_worker(storage_deployment, name, n, attempt=2, extra_env=markers)
     assert code == 0, output
     assert result is not None and result["retry_of"] == n and result["trial_number"] != n
-    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    study = optuna.load_study(study_name=name, storage=storage_deployment.storage_url)
     first = next(t for t in study.trials if t.number == n)
     second = next(t for t in study.trials if t.number == result["trial_number"])
     assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
@@ -150,25 +159,25 @@ def test_retry_of_a_failed_trial_creates_a_replacement_with_the_same_params(
     assert counts.failed == 0  # the replaced trial does not count, its replacement does
     assert counts.counted == 3  # the batch of 3, not 4
     # A third attempt finds the finished replacement and does nothing.
-    code, result, _ = run_worker(local_deployment, name, n, attempt=3, extra_env=markers)
+    code, result, _ = run_worker(storage_deployment, name, n, attempt=3, extra_env=markers)
     assert code == 0 and result is not None and result["already_finished"]
-    assert len(optuna.load_study(study_name=name, storage=local_deployment.storage_url).trials) == 4
+    assert len(optuna.load_study(study_name=name, storage=storage_deployment.storage_url).trials) == 4
 
 
 def test_retry_takes_over_a_trial_left_running(
-    local_deployment: Deployment, start_toy_study: Callable[..., str]
+    storage_deployment: Deployment, start_on_storage: Callable[..., str]
 ) -> None:
-    name, n = _one_trial(local_deployment, start_toy_study)
-    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    name, n = _one_trial(storage_deployment, start_on_storage)
+    study = optuna.load_study(study_name=name, storage=storage_deployment.storage_url)
     trial_id = next(t._trial_id for t in study.trials if t.number == n)
     study._storage.set_trial_user_attr(
         trial_id, "hpo.worker", {"pid": 999999, "attempt": 1}
     )  # a dead attempt
-    code, result, output = run_worker(local_deployment, name, n, attempt=2)
+    code, result, output = run_worker(storage_deployment, name, n, attempt=2)
     assert code == 0, output
     assert result is not None and result["trial_number"] == n and result["retry_of"] is None
-    assert _trial(local_deployment, name, n).state == TrialState.COMPLETE
-    assert len(optuna.load_study(study_name=name, storage=local_deployment.storage_url).trials) == 3
+    assert _trial(storage_deployment, name, n).state == TrialState.COMPLETE
+    assert len(optuna.load_study(study_name=name, storage=storage_deployment.storage_url).trials) == 3
 
 
 def test_hung_objective_hits_the_trial_timeout(
@@ -218,3 +227,47 @@ def test_in_process_slot_logs_to_the_study_experiment_whatever_the_caller_set(
     assert (
         mlflow.MlflowClient().get_logged_model(model_uri.removeprefix("models:/")).experiment_id == experiment
     )
+
+
+def test_observe_closes_the_trials_a_round_left_running_and_counts_them(
+    storage_deployment: Deployment, start_on_storage: Callable[..., str]
+) -> None:
+    """Reconciling on each storage: the round's tasks ended, two trials never reported."""
+    name = start_on_storage()
+    batch, _ = suggest_batch(deployment=storage_deployment, study_name=name, round_number=1)
+    study = optuna.load_study(study_name=name, storage=storage_deployment.storage_url)
+    study.tell(batch[0]["trial_number"], 1.5)
+    summary = observe_round(
+        deployment=storage_deployment,
+        study_name=name,
+        round_number=1,
+        task_states={entry["map_index"]: "failed" for entry in batch},
+    )
+    lost = sorted(entry["trial_number"] for entry in batch[1:])
+    assert sorted(summary["reconciled"]) == lost
+    assert (summary["complete"], summary["failed"], summary["counted"]) == (1, 2, 3)
+    for number in lost:
+        trial = _trial(storage_deployment, name, number)
+        assert trial.state == TrialState.FAIL
+        assert trial.user_attrs["fail_reason"] == (
+            "worker ended without reporting a result (Airflow task state: failed)"
+        )
+    again = observe_round(deployment=storage_deployment, study_name=name, round_number=1)
+    assert (again["complete"], again["failed"], again["counted"]) == (1, 2, 3)
+    counts = count_trials(optuna.load_study(study_name=name, storage=storage_deployment.storage_url))
+    assert (counts.counted, counts.complete, counts.failed, counts.running) == (3, 1, 2, 0)
+
+
+def test_a_crash_of_the_worker_has_its_own_exit_code(
+    local_deployment: Deployment, start_toy_study: Callable[..., str]
+) -> None:
+    """Exit 1 means "a trial failed"; a worker that crashes on something unforeseen (here a stored
+    spec that is not JSON) exits 3 with the traceback, and touches no trial."""
+    name, n = _one_trial(local_deployment, start_toy_study)
+    study = optuna.load_study(study_name=name, storage=local_deployment.storage_url)
+    study.set_user_attr(StudyAttr.SPEC, "{not json")
+    code, result, output = run_worker(local_deployment, name, n)
+    assert (code, result) == (3, None), output
+    assert f"the worker crashed while running trials [{n}]" in output
+    assert "json.decoder.JSONDecodeError" in output
+    assert _trial(local_deployment, name, n).state == TrialState.RUNNING

@@ -19,9 +19,36 @@ from hpo_core.objective import TrialContext
 TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
 
 
+#: Share of the rows held out: no trial and no registered model ever trains on them; ``evaluate``
+#: scores champion and challenger on them (the fair promotion gate).
+HELD_OUT = 0.3
+
+
 def _data() -> tuple[np.ndarray, np.ndarray]:
     x, y = load_breast_cancer(return_X_y=True)
     return x, y
+
+
+def split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the training rows and of the held-out rows (fixed, stratified)."""
+    _, y = _data()
+    rows = np.arange(len(y))
+    train, held_out = train_test_split(rows, test_size=HELD_OUT, random_state=0, stratify=y)
+    return np.sort(train), np.sort(held_out)
+
+
+def training_data() -> tuple[np.ndarray, np.ndarray]:
+    """The rows trials cross-validate on and the final model is fitted on."""
+    x, y = _data()
+    train, _ = split_indices()
+    return x[train], y[train]
+
+
+def held_out_data() -> tuple[np.ndarray, np.ndarray]:
+    """The rows no model trains on: what ``evaluate`` scores."""
+    x, y = _data()
+    _, held_out = split_indices()
+    return x[held_out], y[held_out]
 
 
 def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
@@ -44,8 +71,9 @@ def build_model(params: dict[str, Any], seed: int) -> HistGradientBoostingClassi
 
 
 def objective(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
-    """Mean ROC AUC over 3 stratified folds; reports each fold so the pruner can act."""
-    x, y = _data()
+    """Mean ROC AUC over 3 stratified folds of the training rows; reports each fold so the pruner can
+    act. The model it logs is fitted on all the training rows, never on the held-out ones."""
+    x, y = training_data()
     ctx.set_lineage(data_fingerprint=data_fingerprint(x, y), code_version="breast_cancer/1")
     folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
     scores = []
@@ -79,11 +107,23 @@ def _fold_score(
     return float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
 
 
-def evaluate(model: Any, ctx: TrialContext) -> float:
-    """Score a fitted model on the same held-out split (for fair champion comparisons)."""
-    x, y = _data()
-    _, x_test, _, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))
+def evaluate(model: Any, ctx: Any) -> float:
+    """ROC AUC of a fitted model on the held-out rows, which no trial or model trained on: finalize
+    scores champion and challenger here, so the promotion gate compares them on unseen data."""
+    x, y = held_out_data()
+    x_train, y_train = training_data()
+    ctx.set_lineage(data_fingerprint=data_fingerprint(x_train, y_train))
+    return float(roc_auc_score(y, model.predict_proba(x)[:, 1]))
 
 
-__all__ = ["build_model", "data_fingerprint", "evaluate", "model_requirements", "objective"]
+__all__ = [
+    "HELD_OUT",
+    "build_model",
+    "data_fingerprint",
+    "evaluate",
+    "held_out_data",
+    "model_requirements",
+    "objective",
+    "split_indices",
+    "training_data",
+]

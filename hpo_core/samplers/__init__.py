@@ -64,7 +64,8 @@ def build_sampler(
     the study, like QMC and grid, get the plain seed).
     """
     cfg = spec.sampler.model_copy(update=dict(options or {}))
-    round_seed = None if seed is None else seed * 1_000 + round_number
+    # Kept within numpy's seed range (a spec's seed may be up to 2**32 - 1).
+    round_seed = None if seed is None else (seed * 1_000 + round_number) % 2**32
     module = importlib.import_module(SAMPLERS[cfg.type].module)
     sampler: optuna.samplers.BaseSampler = module.build(spec, cfg, seed=seed, round_seed=round_seed)
     return sampler

@@ -23,8 +23,8 @@ __all__ = ["RunConfig", "run_bounds", "slot_of", "slot_sizes", "slot_task_id", "
 def run_bounds(spec: StudySpec) -> dict[str, tuple[int, int]]:
     """The inclusive range of each integer setting a trigger may choose (the form's bounds).
 
-    ``n_trials`` may go up to what the largest batch fits in ``max_rounds``; :meth:`RunConfig.resolve`
-    then checks it against the batch size actually chosen.
+    ``n_trials`` may go up to what the largest batch fits in ``max_rounds``: :meth:`RunConfig.resolve`
+    raises the run's batch size as far as needed, so every value the form accepts makes a run.
     """
     batch_limit = spec.budget.batch_size_limit
     return {
@@ -44,11 +44,14 @@ class RunConfig:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     #: Trials per mapped evaluate task (slot); configs stored before slots existed read as 1.
     trials_per_task: int = 1
+    #: What ``resolve`` changed from what the trigger asked, and why (``None``: nothing).
+    adjusted: str | None = None
 
     @classmethod
     def resolve(cls, spec: StudySpec, overrides: Mapping[str, Any] | None) -> RunConfig:
         """Apply trigger overrides (``n_trials``, ``batch_size``, ``seed``, ``sampler_options``,
-        ``trials_per_task``).
+        ``trials_per_task``). A batch size too small for ``n_trials`` in ``max_rounds`` is raised to
+        the smallest that fits, within ``budget.max_batch_size`` (recorded in :attr:`adjusted`).
 
         Raises:
             StudySpecError: an override is out of the spec's bounds or the rounds cannot hold it.
@@ -72,6 +75,16 @@ class RunConfig:
                 "(budget.max_batch_size)"
             )
         rounds = spec.budget.max_rounds
+        adjusted = None
+        needed = math.ceil(n_trials / rounds)
+        if batch_size < needed <= high:
+            # The form offers n_trials up to max_rounds x max_batch_size: a run asking for more
+            # trials than its batch size fits gets the batch size that fits, and says so.
+            adjusted = (
+                f"batch_size raised from {batch_size} to {needed}: {n_trials} trials must fit in "
+                f"max_rounds={rounds}"
+            )
+            batch_size = needed
         if not 1 <= n_trials <= rounds * batch_size:
             raise StudySpecError(
                 f"{spec.dag_id}: params.n_trials: {n_trials} needs {math.ceil(n_trials / batch_size)} rounds "
@@ -90,6 +103,7 @@ class RunConfig:
             seed=o.get("seed", spec.sampler.seed),
             sampler_options=options,
             trials_per_task=per_task,
+            adjusted=adjusted,
         )
 
     @classmethod

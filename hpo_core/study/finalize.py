@@ -8,11 +8,12 @@ from typing import Any
 
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudyOutcomeError
-from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.keys import StudyAttr
 from hpo_core.payloads import FinalizeResult
 from hpo_core.storage import flushing
 from hpo_core.study import accounting
 from hpo_core.study.observe import fail_lost_runs
+from hpo_core.study.refit import model_to_register
 from hpo_core.study.state import load_run, set_study_attrs
 from hpo_core.tracking import plots, promotion, registry, runs
 from hpo_core.tracking.lineage import lineage_tags
@@ -68,6 +69,7 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
         study_name=study_name,
         best_trial=best.number,
         best_values=dict(zip(spec.objective_metrics, best.values, strict=True)),
+        best_metric=spec.score_metric,
         best_value=best.values[index],
         best_params=dict(best.params),
         complete=counts.complete,
@@ -77,17 +79,15 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
         model_version=None,
     )
     if spec.mlflow.registered_model:
-        model_uri = best.user_attrs.get(TrialAttr.MODEL_URI)
-        if not model_uri:
-            raise StudyOutcomeError(
-                f"study {study_name}: best trial {best.number} logged no model; call ctx.log_model(...) "
-                f"in the objective, or remove mlflow.registered_model from the study file"
-            )
+        # The best trial's model, or the one the study's refit hook fits for its params.
+        model_uri, refit_tags = model_to_register(
+            mlflow_client, study, spec, best, attrs=attrs, seed=config.seed or 0
+        )
         version = registry.register_trial_model(
             mlflow_client,
             name=spec.mlflow.registered_model,
             model_uri=model_uri,
-            tags=lineage_tags(study_name, spec, best, attrs=attrs),
+            tags={**lineage_tags(study_name, spec, best, attrs=attrs), **refit_tags},
         )
         result["model_version"] = version
         result["model_name"] = spec.mlflow.registered_model

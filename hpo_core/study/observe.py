@@ -118,8 +118,9 @@ def _summary(
 ) -> RoundSummary:
     round_trials = [t for t in counted if t.user_attrs.get(TrialAttr.ROUND) == round_number]
     counts = accounting.count(counted)
-    direction = spec.all_directions[0]
+    # Ranked by the chosen metric (pareto_choice.metric with several objectives), in its direction.
     index = accounting.score_index(spec)
+    direction = spec.all_directions[index]
     best = accounting.best_value(counted, index, direction)
     prefix = accounting.round_summary_prefix(attrs)
     previous = [attrs[f"{prefix}{k}"] for k in range(1, round_number) if f"{prefix}{k}" in attrs]

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from hpo_core import warmstart
+from hpo_core import checks, warmstart
 from hpo_core.deployment import Deployment
 from hpo_core.errors import StudySpecError
 from hpo_core.keys import StudyAttr, Tag
@@ -43,9 +43,14 @@ def start_study(
     ``worker_image``: the image the worker backend runs the trials in, for the model's lineage.
 
     Raises:
-        StudySpecError: an override is out of bounds, or the study exists with other directions.
+        StudySpecError: an override is out of bounds, the study exists with other directions, or a
+            check of :func:`hpo_core.checks.check_study` fails.
     """
+    # What the DAG factory checked at parse time may have changed since (the objective's code).
+    checks.check_study(spec, source=dag_id)
     config = RunConfig.resolve(spec, overrides)
+    if config.adjusted:
+        log.warning("run settings adjusted: %s", config.adjusted)
     name = study_name or study_name_for(spec, run_id)
     deployment.ensure_local_dirs()
     with flushing(deployment.storage_url):
@@ -145,6 +150,7 @@ def _open_tracking(
             "seed": config.seed,
             "sampler": spec.sampler.type,
             "max_rounds": spec.budget.max_rounds,
+            **({"adjusted": config.adjusted} if config.adjusted else {}),
             **{f"sampler.{k}": v for k, v in sorted(config.sampler_options.items())},
         },
     )

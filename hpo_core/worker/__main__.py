@@ -1,6 +1,14 @@
 """``python -m hpo_core.worker``: evaluate one slot's trials (the command a trial pod runs).
 
-Exit codes: 0 every trial finished (now or before), 1 a trial failed, 2 usage or setup error.
+Exit codes:
+
+- 0: every trial of the slot finished (COMPLETE or PRUNED, now or before);
+- 1: a trial failed (its objective raised, returned NaN, timed out, was killed): the trial is
+  closed as FAIL with its reason and the slot's other trials ran;
+- 2: usage or setup error (bad arguments, the study or its storage cannot be loaded): no trial ran;
+- 3: the worker itself crashed (an unexpected error in the worker, not in a trial): the traceback
+  is in the log; trials it had started stay RUNNING until a retry takes them over or ``observe``
+  closes them.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ from hpo_core.errors import HpoError
 from hpo_core.worker._child import LOG_FORMAT
 from hpo_core.worker._slot import run_slot
 
-__all__ = ["EXIT_OK", "EXIT_SETUP", "EXIT_TRIAL_FAILED", "RESULT_PREFIX", "main"]
+__all__ = ["EXIT_CRASH", "EXIT_OK", "EXIT_SETUP", "EXIT_TRIAL_FAILED", "RESULT_PREFIX", "main"]
 
 log = logging.getLogger("hpo_core.worker")
 
 #: Prefix of the line each trial's outcome is printed on (JSON), for the task log and callers.
 RESULT_PREFIX = "HPO_RESULT "
-EXIT_OK, EXIT_TRIAL_FAILED, EXIT_SETUP = 0, 1, 2
+EXIT_OK, EXIT_TRIAL_FAILED, EXIT_SETUP, EXIT_CRASH = 0, 1, 2, 3
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HpoError as e:
         log.error("cannot run trials %s: %s", args.trial_numbers, e)
         return EXIT_SETUP
+    except Exception:  # a bug or a broken environment: not "the trial failed"
+        log.exception("the worker crashed while running trials %s", args.trial_numbers)
+        return EXIT_CRASH
     for outcome in outcomes:
         print(RESULT_PREFIX + outcome.to_json(), flush=True)
     failed = [o for o in outcomes if not o.ok]

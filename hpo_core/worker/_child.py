@@ -26,6 +26,8 @@ from optuna.trial import TrialState
 from sqlalchemy import event, exc
 from sqlalchemy.pool import Pool
 
+from hpo_core.stack_warnings import silence_stack_warnings
+
 __all__ = [
     "CHILD_KILL_GRACE",
     "LOG_FORMAT",
@@ -256,11 +258,8 @@ def _become_trial_process(log_fd: int, parent: int) -> None:
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    # The trial's log carries the objective's lines, not the stack's deprecation notices (skops
-    # scanning modules inside an Airflow task process trips over a thousand of Airflow's).
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(airflow|mlflow|skops)(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
+    # The trial's log carries the objective's lines, not the stack's deprecation notices.
+    silence_stack_warnings()
 
 
 def _write_all(fd: int, data: bytes) -> None:

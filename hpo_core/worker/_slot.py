@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_core.deployment import Deployment
 from hpo_core.errors import HpoError
 from hpo_core.keys import StudyAttr, Tag, TrialAttr
-from hpo_core.objective import TrialContext, call_objective, normalize_result
+from hpo_core.objective import TrialContext, call_objective, logged_model_of_run, normalize_result
 from hpo_core.space import import_callable
 from hpo_core.spec import StudySpec
 from hpo_core.storage import TrialClaim
@@ -430,7 +430,9 @@ def _evaluate_in_child(
     except Exception as e:
         result.reason = f"{type(e).__name__}: {e}"
         result.error_text = traceback.format_exc()
-    result.model_uri, result.lineage = ctx.model_uri, dict(ctx.lineage)
+    # An Optuna objective(trial) has no ctx: it logs its model with MLflow's own API, in this run.
+    result.model_uri = ctx.model_uri or logged_model_of_run(run_id)
+    result.lineage = dict(ctx.lineage)
     result.new_modules = [name for name in sys.modules if name not in slot.modules_at_fork]
     return result
 

@@ -14,16 +14,18 @@ from typing import Any
 
 from airflow.sdk import DAG, CronTriggerTimetable, Param, TaskGroup, task
 from airflow.sdk import TriggerRule as TR
-from airflow.sdk.exceptions import AirflowTimetableInvalid
+from airflow.sdk.definitions.param import ParamsDict
+from airflow.sdk.exceptions import AirflowTimetableInvalid, ParamValidationError
 
 from hpo_airflow import alerts, tasks
 from hpo_airflow.backends import backend_for
 from hpo_airflow.links import finalize_task
+from hpo_core import checks
 from hpo_core.errors import StudySpecError
-from hpo_core.spec import SamplerSpec, StudySpec
-from hpo_core.study.config import run_bounds
+from hpo_core.spec import SEED_MAX, SamplerSpec, StudySpec
+from hpo_core.study.config import RunConfig, run_bounds
 
-__all__ = ["build_study_dag", "study_params"]
+__all__ = ["build_study_dag", "check_study", "study_params"]
 
 #: Scheduled studies start counting from here; catch-up is off, so no backfill storm.
 START_DATE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
@@ -47,7 +49,10 @@ def study_params(spec: StudySpec) -> dict[str, Param]:
             minimum=1,
             maximum=max_trials,
             title="Trials",
-            description=f"Trials in this run (at most max_rounds x max_batch_size = {max_trials}).",
+            description=(
+                f"Trials in this run (at most max_rounds x max_batch_size = {max_trials}); the batch "
+                "size is raised when the trials would not fit in max_rounds otherwise."
+            ),
         ),
         "batch_size": Param(
             spec.budget.batch_size,
@@ -72,6 +77,7 @@ def study_params(spec: StudySpec) -> dict[str, Param]:
             spec.sampler.seed,
             type=["null", "integer"],
             minimum=0,
+            maximum=SEED_MAX,
             title="Seed",
             description="Sampler seed; empty for a random one.",
         ),
@@ -109,7 +115,7 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
     """
     # Checked before the DAG exists: a DAG built in a ``with`` block is collected by Airflow even
     # when the loader then refuses it.
-    _check_schedule(spec, source)
+    check_study(spec, source=source)
     backend = backend_for(spec, source=source)
     # start / suggest / observe / finalize are idempotent: one retry rides out a lost worker or a
     # dropped database connection. Trial tasks take their retries from the spec.
@@ -152,7 +158,34 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
     return dag
 
 
-def _check_schedule(spec: StudySpec, source: Path | None) -> None:
+def check_study(spec: StudySpec, *, source: str | Path | None = None) -> None:
+    """Every check this factory runs before it builds a study's DAG; ``hpo validate`` runs the same.
+
+    Beyond the spec's schema: :func:`hpo_core.checks.check_study` (the trigger defaults, a model to
+    register), the schedule as Airflow parses it, the worker backend and its own checks (a pod for
+    Kubernetes), and the trigger form: its defaults pass their JSON schema and make a run.
+
+    Raises:
+        StudySpecError: naming ``source`` (the file), the field, the value and the fix.
+    """
+    where = source or spec.dag_id
+    checks.check_study(spec, source=where)
+    _check_schedule(spec, source)
+    backend_for(spec, source=source).check(spec, source=where)
+    form = ParamsDict(study_params(spec))
+    try:
+        values = form.validate()
+    except ParamValidationError as e:
+        raise StudySpecError(
+            f"{where}: the trigger form's defaults (from the study file) are invalid: {e}"
+        ) from e
+    try:
+        RunConfig.resolve(spec, values)
+    except StudySpecError as e:
+        raise StudySpecError(f"{where}: the trigger form's defaults do not make a run: {e}") from e
+
+
+def _check_schedule(spec: StudySpec, source: Path | str | None) -> None:
     """A bad cron expression is this study's error, naming its file, not the whole DAG file's."""
     if spec.schedule is None or spec.schedule in ("@once", "@continuous"):
         return

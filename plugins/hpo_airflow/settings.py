@@ -14,8 +14,15 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper
 
 from hpo_core.deployment import ENV_STORAGE_URL, ENV_TRACKING_URI, Deployment
+from hpo_core.stack_warnings import silence_stack_warnings
 
-__all__ = ["MLFLOW_CONN_ID", "OPTUNA_CONN_ID", "resolve_deployment", "skip_airflow_model_import"]
+__all__ = [
+    "MLFLOW_CONN_ID",
+    "OPTUNA_CONN_ID",
+    "prepare_task_process",
+    "resolve_deployment",
+    "skip_airflow_model_import",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,13 @@ def _mask(deployment: Deployment) -> None:
     for key in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         if os.environ.get(key):
             mask_secret(os.environ[key])
+
+
+def prepare_task_process() -> None:
+    """What every task body of a study DAG does first: its log carries the pipeline's lines, not the
+    stack's deprecation warnings, and Airflow's ORM models are not imported for nothing."""
+    silence_stack_warnings()
+    skip_airflow_model_import()
 
 
 def skip_airflow_model_import() -> None:

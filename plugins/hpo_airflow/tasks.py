@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from airflow.sdk import get_current_context
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
+from hpo_airflow.settings import prepare_task_process, resolve_deployment
 from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError
 from hpo_core.payloads import FinalizeResult, RoundSummary, SlotPayload, StudyHandle
 from hpo_core.spec import StudySpec
@@ -33,7 +33,7 @@ def start(spec: StudySpec, worker_image: str | None = None) -> StudyHandle:
     run without one is named from its run id. ``worker_image``: the image the worker backend runs
     the trials in (recorded for the registered model's lineage).
     """
-    skip_airflow_model_import()
+    prepare_task_process()
     from hpo_core.study.start import start_study
 
     context = get_current_context()
@@ -59,7 +59,7 @@ def suggest(study: StudyHandle, round_number: int) -> list[SlotPayload]:
     Returns the batch split into slots (:func:`hpo_core.study.suggest.batch_slots`), one per mapped
     evaluate task.
     """
-    skip_airflow_model_import()
+    prepare_task_process()
     from hpo_core.study.suggest import batch_slots, suggest_batch
 
     context = get_current_context()
@@ -81,7 +81,7 @@ def suggest(study: StudyHandle, round_number: int) -> list[SlotPayload]:
 
 def observe(study: StudyHandle | None, round_number: int) -> RoundSummary:
     """Reconcile the round's trials, log its summary, decide whether the next round runs."""
-    skip_airflow_model_import()
+    prepare_task_process()
     from hpo_core.study.observe import RoundNotRun, observe_round
 
     if not study:
@@ -136,7 +136,7 @@ def _evaluate_states(context: Any, round_number: int) -> dict[int, str]:
 
 def finalize(study: StudyHandle | None) -> FinalizeResult:
     """Pick the best trial, register its model, and decide the run's outcome."""
-    skip_airflow_model_import()
+    prepare_task_process()
     from hpo_core.study.finalize import finalize_study
 
     if not study:
@@ -157,7 +157,7 @@ def finalize(study: StudyHandle | None) -> FinalizeResult:
     log.info(
         "best trial %s: %s=%s params=%s; model %s version %s (alias %s)",
         result["best_trial"],
-        next(iter(result["best_values"])),
+        result["best_metric"],
         result["best_value"],
         json.dumps(result["best_params"]),
         result.get("model_name"),
@@ -168,13 +168,20 @@ def finalize(study: StudyHandle | None) -> FinalizeResult:
 
 
 def _failed_control_tasks(context: Any) -> list[str]:
-    """Start / suggest / observe tasks that failed: the run must fail even if finalize works."""
+    """Start / suggest / observe tasks that failed: the run must fail even if finalize works.
+
+    Raises:
+        AirflowException: the task states cannot be read; finalize fails (and is retried) rather
+            than report a success it cannot vouch for.
+    """
     dag_run = context["dag_run"]
     try:
         found = context["ti"].get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
     except Exception as e:
-        log.info("task states unavailable: %s", e)
-        return []
+        raise AirflowException(
+            f"cannot tell whether this run's start, suggest and observe tasks succeeded (task states "
+            f"unavailable: {type(e).__name__}: {e}); finalize fails rather than report a success"
+        ) from e
     return sorted(
         key
         for key, state in (found.get(dag_run.run_id) or {}).items()

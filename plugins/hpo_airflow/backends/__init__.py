@@ -1,6 +1,7 @@
 """Worker backends: how a round's slots become mapped Airflow tasks, by the name a study file gives.
 
-A backend is a module with two functions (:class:`WorkerBackend`): ``map_slots`` turns ``suggest``'s
+A backend is a module with three functions (:class:`WorkerBackend`): ``check`` refuses settings it
+cannot run (the DAG factory and ``hpo validate`` call it), ``map_slots`` turns ``suggest``'s
 slots into mapped tasks that each run ``python -m hpo_core.worker`` semantics for one slot, and
 ``worker_image`` names the image the trials run in (for the model's lineage), if any. Adding a backend
 is one module and one entry in :data:`BACKENDS`. ``$HPO_WORKER_BACKEND`` overrides the study's
@@ -31,6 +32,10 @@ class WorkerBackend(Protocol):
         """The round's mapped evaluate task, one instance per slot of ``batch`` (an XComArg)."""
         ...
 
+    def check(self, spec: StudySpec, *, source: str | Path) -> None:
+        """Refuse settings this backend cannot run (raises ``StudySpecError`` naming ``source``)."""
+        ...
+
     def worker_image(self, spec: StudySpec) -> str | None:
         """The image the study's trials run in, or ``None`` when they run in Airflow's environment."""
         ...
@@ -41,7 +46,7 @@ BACKENDS: dict[str, WorkerBackend] = {"local": local, "kubernetes": kubernetes}
 
 
 def backend_for(
-    spec: StudySpec, *, source: Path | None = None, env: Mapping[str, str] | None = None
+    spec: StudySpec, *, source: str | Path | None = None, env: Mapping[str, str] | None = None
 ) -> WorkerBackend:
     """The study's worker backend: ``$HPO_WORKER_BACKEND`` overrides the spec's ``worker.backend``.
 

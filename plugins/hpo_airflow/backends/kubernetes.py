@@ -13,9 +13,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hpo_core.deployment import ENV_AIRFLOW_URL, airflow_url
+from hpo_core.errors import StudySpecError
 from hpo_core.launch import worker_arguments
 from hpo_core.spec import StudySpec
 
@@ -24,6 +26,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "SLOT_LABEL_ANNOTATION",
     "WORKER_COMMAND",
+    "check",
     "map_slots",
     "slot_pod_overrides",
     "trial_pod_settings",
@@ -52,6 +55,76 @@ def worker_image(spec: StudySpec, env: Mapping[str, str] | None = None) -> str:
     """The image the study's trial pods run (recorded with the study for the model's lineage)."""
     env = os.environ if env is None else env
     return spec.worker.image or env.get(ENV_IMAGE) or DEFAULT_IMAGE
+
+
+def check(spec: StudySpec, *, source: str | Path) -> None:
+    """Refuse pod settings that the pod builder would silently drop or fail on, naming the field.
+
+    The operator turns ``tolerations`` and ``affinity`` into Kubernetes models and drops what it
+    does not know (a misspelt key), and only warns about a missing pod template; here both are
+    errors. Then one slot's pod is built (a dry run: no cluster), as the operator builds it.
+
+    Raises:
+        StudySpecError: an unknown key or wrong type, a missing template, or the builder's error.
+    """
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    worker = spec.worker
+    for i, toleration in enumerate(worker.tolerations):
+        _check_model(toleration, "V1Toleration", f"{source}: worker.tolerations.{i}")
+    if worker.affinity:
+        _check_model(worker.affinity, "V1Affinity", f"{source}: worker.affinity")
+    template = worker.pod_template_file
+    if template and not Path(template).is_file():
+        raise StudySpecError(
+            f"{source}: worker.pod_template_file: {template!r} does not exist; give the path of a pod "
+            "YAML file that Airflow's workers can read, or remove the key"
+        )
+    sample = {
+        "trial_numbers": [0],
+        "trials": [{"trial_number": 0, "params": {}}],
+        "label": "trial 0",
+        "round": 1,
+        "study": spec.name,
+        "trial_timeout": spec.trial.execution_timeout,
+    }
+    try:
+        operator = KubernetesPodOperator(
+            task_id="evaluate", **trial_pod_settings(spec), **slot_pod_overrides(sample)
+        )
+        operator.build_pod_request_obj(None, dry_run=True)
+    except Exception as e:  # whatever the builder raises is this study's error
+        raise StudySpecError(
+            f"{source}: worker: the Kubernetes pod builder refused these settings: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _check_model(value: Any, model: str, where: str) -> None:
+    """``value`` must be the JSON form of the Kubernetes model ``model`` (camelCase keys, right types)."""
+    from kubernetes.client import models as k8s
+
+    cls = getattr(k8s, model)
+    if not isinstance(value, Mapping):
+        raise StudySpecError(f"{where}: {value!r} must be a mapping (a Kubernetes {model[2:]})")
+    attrs = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    for key, item in value.items():
+        if key not in attrs:
+            raise StudySpecError(
+                f"{where}.{key}: unknown key {key!r}; allowed keys: {', '.join(sorted(attrs))}"
+            )
+        kind = cls.openapi_types[attrs[key]]
+        inner = kind[5:-1] if kind.startswith("list[") else kind
+        items = item if kind.startswith("list[") else [item]
+        if kind.startswith("list[") and not isinstance(item, list):
+            raise StudySpecError(f"{where}.{key}: {item!r} must be a list")
+        for j, element in enumerate(items):
+            path = f"{where}.{key}.{j}" if kind.startswith("list[") else f"{where}.{key}"
+            if inner.startswith("V1"):
+                _check_model(element, inner, path)
+            elif inner == "str" and not isinstance(element, str):
+                raise StudySpecError(f"{path}: {element!r} must be a string")
+            elif inner == "int" and (isinstance(element, bool) or not isinstance(element, int)):
+                raise StudySpecError(f"{path}: {element!r} must be an integer")
 
 
 def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:

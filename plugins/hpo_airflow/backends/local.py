@@ -8,17 +8,26 @@ it, so one trial's crash, hang or kill ends only that trial.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowException
 
 from hpo_airflow.links import slot_task
-from hpo_airflow.settings import resolve_deployment, skip_airflow_model_import
+from hpo_airflow.settings import prepare_task_process, resolve_deployment
 from hpo_core.payloads import SlotPayload, SlotResult, StudyHandle
 from hpo_core.spec import StudySpec
 
-__all__ = ["SLOT_LABEL_TEMPLATE", "SLOT_STATUS_KEY", "evaluate_slot", "map_slots", "worker_image"]
+__all__ = [
+    "SLOT_LABEL_TEMPLATE",
+    "SLOT_STATUS_KEY",
+    "check",
+    "evaluate_slot",
+    "map_slots",
+    "slot_status",
+    "worker_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,20 @@ SLOT_STATUS_KEY = "hpo_slot_status"
 SLOT_LABEL_TEMPLATE = "{{ task.op_kwargs['slot']['label'] }}{{ " + SLOT_STATUS_KEY + " | default('') }}"
 
 
+def check(spec: StudySpec, *, source: str | Path) -> None:
+    """Nothing beyond the spec: local slots run in Airflow's own task processes."""
+
+
 def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any) -> Any:
     """One mapped Python task per slot of ``suggest``'s ``batch``, evaluating it in the task process
     (with the slot's "MLflow run" extra link: :class:`~hpo_airflow.links.SlotTaskOperator`)."""
     timeout = spec.trial.execution_timeout
-    maximize = spec.all_directions[0] == "maximize"
+    # The slot's "best" is by the metric that ranks trials, in its direction.
+    index = spec.objective_metrics.index(spec.score_metric)
+    maximize = spec.all_directions[index] == "maximize"
 
     def evaluate(slot: SlotPayload, study: StudyHandle) -> list[SlotResult]:
-        return evaluate_slot(slot, study, timeout, maximize=maximize)
+        return evaluate_slot(slot, study, timeout, maximize=maximize, score_index=index)
 
     evaluate.__doc__ = "Evaluate one slot of the round's trials in a warm local worker."
     return (
@@ -48,7 +63,7 @@ def map_slots(spec: StudySpec, *, common: dict[str, Any], start: Any, batch: Any
 
 
 def evaluate_slot(
-    slot: SlotPayload, study: StudyHandle, timeout: int, *, maximize: bool = False
+    slot: SlotPayload, study: StudyHandle, timeout: int, *, maximize: bool = False, score_index: int = 0
 ) -> list[SlotResult]:
     """Evaluate one slot's trials in this task process, a warm worker (see :func:`hpo_core.worker.run_slot`).
 
@@ -57,7 +72,7 @@ def evaluate_slot(
     """
     from hpo_core import worker
 
-    skip_airflow_model_import()
+    prepare_task_process()
     context = get_current_context()
     ti = context["ti"]
     numbers = [int(n) for n in slot["trial_numbers"]]
@@ -74,9 +89,10 @@ def evaluate_slot(
     log.info("slot outcome (%d trials):", len(outcomes))
     for outcome in outcomes:
         (log.warning if not outcome.ok else log.info)("  %s", outcome.summary())
-    if len(numbers) > 1:
-        # Rendered again after the task ends: the grid shows how the slot went.
-        context[SLOT_STATUS_KEY] = _slot_status(outcomes, maximize=maximize)  # type: ignore[literal-required]
+    # Rendered again after the task ends: the grid shows how the slot went (a pruned trial's task is
+    # green like a completed one, so its name says it).
+    status = slot_status(outcomes, maximize=maximize, score_index=score_index)
+    context[SLOT_STATUS_KEY] = status  # type: ignore[literal-required]
     if len(numbers) == 1 and failed:
         raise AirflowException(f"{slot['label']} failed: {failed[0].reason}")
     if failed:
@@ -85,13 +101,24 @@ def evaluate_slot(
     return [SlotResult(trial_number=o.trial_number, state=o.state, values=o.values) for o in outcomes]
 
 
-def _slot_status(outcomes: list[Any], *, maximize: bool) -> str:
-    """`` · 3 done · 1 failed · best 0.993``: appended to a slot task's name once it ran."""
-    done = sum(o.ok for o in outcomes)
-    parts = [f"{done} done"]
-    if len(outcomes) - done:
-        parts.append(f"{len(outcomes) - done} failed")
-    values = [o.values[0] for o in outcomes if o.state == "COMPLETE" and o.values]
+def slot_status(outcomes: list[Any], *, maximize: bool, score_index: int = 0) -> str:
+    """What is appended to a slot task's name once it ran.
+
+    A slot of several trials: `` · 2 done · 1 pruned · 1 failed · best 0.993`` (done: completed).
+    One trial: `` · pruned``, since Airflow shows a pruned trial's task green like a completed one
+    (a completed trial keeps its name; a failed one's task is red).
+    """
+    complete = [o for o in outcomes if o.state == "COMPLETE"]
+    pruned = sum(o.state == "PRUNED" for o in outcomes)
+    failed = len(outcomes) - len(complete) - pruned
+    if len(outcomes) == 1:
+        return " · pruned" if pruned else ""
+    parts = [f"{len(complete)} done"]
+    if pruned:
+        parts.append(f"{pruned} pruned")
+    if failed:
+        parts.append(f"{failed} failed")
+    values = [o.values[score_index] for o in complete if o.values]
     if values:
         parts.append(f"best {(max if maximize else min)(values):.4g}")
     return " · " + " · ".join(parts)
