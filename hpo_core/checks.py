@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo_core.errors import StudySpecError
+from hpo_core.samplers import SAMPLERS
 from hpo_core.spec import StudySpec
 from hpo_core.study.config import RunConfig
 
@@ -79,9 +81,23 @@ def check_study(spec: StudySpec, *, source: str | Path) -> None:
             model that nothing logs.
     """
     _check_run_defaults(spec, source)
+    _check_sampler_packages(spec, source)
     found = objective_source(spec.objective)
     if found is not None:
         _check_model_logged(spec, source, optuna_style=found.optuna_style, logs_model=found.logs_model)
+
+
+def _check_sampler_packages(spec: StudySpec, source: str | Path) -> None:
+    """A sampler that needs a package this environment lacks would fail mid-run: refuse it now."""
+    missing = [
+        name for name in SAMPLERS[spec.sampler.type].requires if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise StudySpecError(
+            f"{source}: sampler.type: {spec.sampler.type!r} needs the Python package(s) {missing}, which "
+            "this environment lacks (suggest runs in the Airflow workers); install them there, or use "
+            "another sampler, e.g. 'tpe'"
+        )
 
 
 def check_imports(spec: StudySpec, *, source: str | Path) -> list[str]:

@@ -131,7 +131,9 @@ def test_grid_sampler_walks_the_grid(
     }
 
 
-@pytest.mark.parametrize("sampler", ["random", "cmaes", "gp", "qmc"])
+# gp is not here: past its startup trials it needs PyTorch, which the stack does not ship, so a gp
+# study is refused before it starts unless torch is installed (tests/test_validate.py).
+@pytest.mark.parametrize("sampler", ["random", "cmaes", "qmc"])
 def test_every_single_objective_sampler_suggests_a_batch(
     local_deployment: Deployment, start_toy_study: Callable[..., str], sampler: str
 ) -> None:

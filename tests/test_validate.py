@@ -3,8 +3,10 @@ one broken study file never takes the others down."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +18,7 @@ from hpo_airflow.loader import load_study_file
 
 from hpo_core import cli
 from hpo_core.errors import StudySpecError
+from hpo_core.samplers import SAMPLERS
 from tests.fixtures_core import ROOT, study_mapping, write_study
 
 POD = {"backend": "kubernetes", "image": "hpo-worker:1"}
@@ -42,10 +45,13 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         "file that Airflow's workers can read, or remove the key",
     ),
     "optuna_objective_registers_nothing": (
-        {"objective": "hpo_core.examples.quadratic:optuna_style", "search_space": {
-            "x": {"type": "float", "low": -5.0, "high": 5.0},
-            "y": {"type": "float", "low": -5.0, "high": 5.0},
-        }},
+        {
+            "objective": "hpo_core.examples.quadratic:optuna_style",
+            "search_space": {
+                "x": {"type": "float", "low": -5.0, "high": 5.0},
+                "y": {"type": "float", "low": -5.0, "high": 5.0},
+            },
+        },
         "mlflow.registered_model: 'quadratic' needs a model, but the objective "
         "'hpo_core.examples.quadratic:optuna_style' is an Optuna objective(trial) whose module logs none; "
         "add 'refit: module:function' (a function (params, ctx) -> model that fits the best params), "
@@ -97,7 +103,7 @@ def test_validate_accepts_the_shipped_studies_and_their_code(capsys: pytest.Capt
     assert "(imported: objective hpo_core.examples.breast_cancer:objective; evaluate hook" in out
 
 
-USER_CODE = '''
+USER_CODE = """
 def objective(params, ctx, extra):
     return 0.0
 
@@ -110,7 +116,7 @@ def evaluate(model):
 
 def refit(params):
     return None
-'''
+"""
 
 
 @pytest.mark.parametrize(
@@ -188,3 +194,32 @@ def test_any_error_of_one_study_file_breaks_only_that_study(
     load_study_dags(found, studies_dir=folder / "studies", strict=False)
     placeholders = sorted(k for k, v in found.items() if type(v).__name__ == "_BrokenStudyDAG")
     assert placeholders == ["hpo_typo_study", "hpo_uses_buggy"]
+
+
+def test_a_sampler_needing_a_missing_package_is_refused_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gp fits with PyTorch once past its startup trials: without it, the study is refused up front."""
+    gp = SAMPLERS["gp"]
+    monkeypatch.setitem(SAMPLERS, "gp", dataclasses.replace(gp, requires=("hpo_no_such_package",)))
+    path = write_study(tmp_path, study_mapping(sampler={"type": "gp", "seed": 1}), filename="gp.yaml")
+    message = (
+        "sampler.type: 'gp' needs the Python package(s) ['hpo_no_such_package'], which this environment "
+        "lacks (suggest runs in the Airflow workers); install them there, or use another sampler, e.g. 'tpe'"
+    )
+    with pytest.raises(StudySpecError) as refused:
+        load_study_file(path)
+    assert str(refused.value) == f"{path}: {message}"
+    code, _, err = _validate(capsys, str(path))
+    assert code == 1 and err == f"invalid {path}: {message}\n"
+
+
+def test_start_refuses_a_sampler_needing_a_missing_package(
+    start_toy_study: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``start`` checks it too (a DAG parsed elsewhere, a trigger): no trial runs with a gp that fails."""
+    monkeypatch.setitem(
+        SAMPLERS, "gp", dataclasses.replace(SAMPLERS["gp"], requires=("hpo_no_such_package",))
+    )
+    with pytest.raises(StudySpecError, match=r"sampler.type: 'gp' needs the Python package\(s\)"):
+        start_toy_study(sampler={"type": "gp", "seed": 11})

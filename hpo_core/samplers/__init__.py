@@ -36,6 +36,8 @@ class SamplerInfo:
     #: Which trials' system attributes it reads (the state it keeps there): ``running`` (TPE and GP:
     #: a running trial's relative params) or ``all`` (grid ids, CMA-ES and NSGA-II generations).
     trial_state: str = "running"
+    #: Python packages it needs beyond the stack (checked before a study runs: :mod:`hpo_core.checks`).
+    requires: tuple[str, ...] = ()
 
 
 #: Every sampler a study file may name, in the order error messages list them.
@@ -44,7 +46,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "random": SamplerInfo("hpo_core.samplers.builtin"),
     "grid": SamplerInfo("hpo_core.samplers.builtin", finite_space=True, trial_state="all"),
     "cmaes": SamplerInfo("hpo_core.samplers.builtin", multi_objective=False, trial_state="all"),
-    "gp": SamplerInfo("hpo_core.samplers.builtin"),
+    # Optuna's GPSampler fits its Gaussian process with PyTorch once its startup trials are done.
+    "gp": SamplerInfo("hpo_core.samplers.builtin", requires=("torch",)),
     "qmc": SamplerInfo("hpo_core.samplers.builtin", trial_state="all"),
     "nsga2": SamplerInfo("hpo_core.samplers.builtin", single_objective=False, trial_state="all"),
 }
