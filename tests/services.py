@@ -590,8 +590,9 @@ class MLflowServer(_Service):
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, **self.s3.env()}
 
     def start(self) -> Self:
+        """Start the server; after :meth:`stop`, on the same port (clients keep their tracking URI)."""
         started = time.monotonic()
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**_clean_environ(), **self.s3.env()}
         argv = [
@@ -620,6 +621,19 @@ class MLflowServer(_Service):
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+    def down(self) -> bool:
+        """Whether nothing answers on the server's port (after :meth:`stop`: connections are refused)."""
+        try:
+            requests.get(f"{self.tracking_uri}/health", timeout=2)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    def restart(self) -> Self:
+        """Stop the server if it runs, and start it again on the same port with the same stores."""
+        self.stop()
+        return self.start()
 
     def log_tail(self, lines: int = 60) -> str:
         return self.process.log_tail(lines) if self.process else ""

@@ -29,8 +29,10 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> FinalizeResult
     Raises:
         StudyOutcomeError: no trial completed, or the failed fraction is above the spec's limit
             (the parent run is closed as FAILED with the reason first).
+        TrackingError: MLflow (tracking server or registry) failed; nothing was promoted on the
+            error, and a retry once it is back finishes the job.
     """
-    with flushing(deployment.storage_url):
+    with flushing(deployment.storage_url), runs.tracking_call(f"finalize study {study_name}"):
         return _finalize(deployment, study_name)
 
 

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
+import botocore.exceptions
 import mlflow
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from hpo_core.deployment import Deployment
+from hpo_core.errors import TrackingError
 from hpo_core.keys import Tag
 
 __all__ = [
     "ERROR_ARTIFACT",
+    "TRACKING_ERRORS",
     "client",
     "close_parent_run",
     "ensure_experiment",
@@ -26,9 +33,12 @@ __all__ = [
     "find_or_create_parent_run",
     "finish_trial_run",
     "flat_params",
+    "limit_http_retries",
     "log_params_once",
     "log_round",
+    "not_found",
     "start_trial_run",
+    "tracking_call",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,53 @@ ERROR_ARTIFACT = "error.txt"
 
 
 _clients: dict[tuple[str, str | None], MlflowClient] = {}
+
+#: What a call to MLflow raises when the tracking server, the registry or the artifact store fails
+#: (MLflow wraps HTTP errors in ``MlflowException``; artifact uploads raise boto's or OS errors).
+TRACKING_ERRORS: tuple[type[BaseException], ...] = (
+    MlflowException,
+    requests.RequestException,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    OSError,
+)
+_DOES_NOT_EXIST = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+#: MLflow's HTTP retries where a tracking outage must not stall the work (trial workers, observe):
+#: about 10 s before a call gives up, instead of MLflow's default of about 4 minutes.
+BOUNDED_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def not_found(error: BaseException) -> bool:
+    """Whether MLflow answered "does not exist" (``RESOURCE_DOES_NOT_EXIST`` / HTTP 404).
+
+    The only answer that may mean "none": an outage or any other error is not an absence.
+    """
+    if not isinstance(error, MlflowException):
+        return False
+    return error.error_code == _DOES_NOT_EXIST or error.get_http_status_code() == 404
+
+
+@contextlib.contextmanager
+def tracking_call(what: str) -> Iterator[None]:
+    """Turn MLflow's errors inside the block into :class:`TrackingError` naming ``what`` failed."""
+    try:
+        yield
+    except TRACKING_ERRORS as e:
+        detail = e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}"
+        message = f"{what}: MLflow is unavailable or failed ({detail}); retry once it is back"
+        raise TrackingError(message) from e
+
+
+def limit_http_retries(environ: MutableMapping[str, str] | None = None) -> None:
+    """Give MLflow's HTTP calls of this process a bounded retry budget, unless one is configured.
+
+    Trial workers and ``observe`` go on without MLflow when it is down (the Optuna storage is the
+    source of truth) and catch up later; MLflow's own default would stall each call for minutes.
+    """
+    env = os.environ if environ is None else environ
+    for key, value in BOUNDED_HTTP_RETRIES.items():
+        env.setdefault(key, value)
 
 
 def client(deployment: Deployment, *, set_uris: bool = True) -> MlflowClient:
