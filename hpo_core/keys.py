@@ -38,6 +38,11 @@ class StudyAttr:
     WARM_START: Final = "hpo.warm_start"
     #: The image the study's trials run in, when the worker backend runs them in one (Kubernetes).
     WORKER_IMAGE: Final = "hpo.worker_image"
+    #: Trials whose MLflow child run was logged (or closed) after they finished, because MLflow was
+    #: unavailable during their evaluation: ``{trial number: run id}``.
+    RUNS_LOGGED_LATE: Final = "hpo.runs_logged_late"
+    #: Rounds whose summary could not be logged to the parent run yet (MLflow was unavailable).
+    ROUNDS_UNLOGGED: Final = "hpo.rounds_unlogged"
 
 
 class TrialAttr:
@@ -69,6 +74,9 @@ class TrialAttr:
     WARM_START: Final = "hpo.warm_start"
     #: Why a trial failed, in words (task log, MLflow and the round summary say the same).
     FAIL_REASON: Final = "fail_reason"
+    #: What the trial's MLflow child run lacks because MLflow failed during the evaluation (the result
+    #: is in Optuna all the same); ``observe`` or ``finalize`` logs the run once MLflow is back.
+    TRACKING_MISSING: Final = "hpo.tracking_missing"
 
 
 class Tag:
@@ -86,6 +94,8 @@ class Tag:
     RETRY_OF: Final = "hpo.retry_of"
     ERROR: Final = "hpo.error"
     PRUNED: Final = "hpo.pruned"
+    #: On a child run logged after its trial finished: what MLflow missed during the evaluation.
+    LOGGED_LATE: Final = "hpo.logged_late"
     #: On the parent run once finalize ran.
     OUTCOME: Final = "hpo.outcome"
     BEST_TRIAL: Final = "hpo.best_trial"

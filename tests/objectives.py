@@ -81,3 +81,16 @@ def recorded(params: dict[str, Any], ctx: TrialContext) -> float:
     if ctx.number in failing:
         raise RuntimeError(f"trial {ctx.number} fails on purpose")
     return quadratic_value(params)
+
+
+def waits_for_release(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Reports a step and logs a metric, then waits until the file $HPO_TEST_RELEASE exists (a test
+    changes the world meanwhile, e.g. stops the MLflow server), then reports again and returns."""
+    ctx.report(quadratic_value(params) + 1.0, 0)
+    release = Path(os.environ["HPO_TEST_RELEASE"])
+    deadline = time.monotonic() + 120
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ctx.report(quadratic_value(params) + 0.5, 1)
+    ctx.log_metric("after_release", 1.0)
+    return quadratic_value(params)

@@ -9,6 +9,9 @@ the session's server alone. Registry errors at one endpoint come from a proxy in
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +20,21 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from hpo_core.deployment import Deployment
 from hpo_core.errors import TrackingError
-from hpo_core.keys import Tag, TrialAttr
+from hpo_core.keys import StudyAttr, Tag, TrialAttr
 from hpo_core.spec import StudySpec
 from hpo_core.study.finalize import finalize_study
+from hpo_core.study.observe import observe_round
 from hpo_core.study.start import start_study
 from hpo_core.study.suggest import suggest_batch
 from hpo_core.tracking import promotion, registry
 from hpo_core.tracking.lineage import lineage_tags
 from hpo_core.worker import run_slot
 from tests.fault_proxy import FaultProxy
-from tests.fixtures_core import make_spec
+from tests.fixtures_core import make_spec, worker_env
 from tests.services import MLflowServer, MotoS3Server, PostgresServer, ServiceStartError
 
 pytestmark = pytest.mark.slow
@@ -231,3 +236,139 @@ def test_a_failed_registry_search_never_registers_a_trial_twice(
         outage.proxy.clear()
     assert [v.version for v in _versions(outage.client(), model)] == [result["model_version"]]
     assert registry.find_version(client, name=model, study=name, trial_number=str(best.number)) is not None
+
+
+# ----------------------------------------------------------------------- the server stopped
+
+
+def _wait(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(0.2)
+
+
+def test_trials_go_on_while_mlflow_is_down_and_their_runs_are_logged_when_it_is_back(
+    outage: Outage, process_env: Callable[[Deployment], None], tmp_path: Path
+) -> None:
+    """One slot of two trials: MLflow stops while the first runs (its run cannot be closed) and is
+    down when the second starts (no run at all). Both results reach Optuna, the round's observe
+    goes on and marks both missing; once MLflow is back, observe logs them and the round summary."""
+    name = f"down_trial_{secrets.token_hex(3)}"
+    spec = make_spec(
+        name=name,
+        objective="tests.objectives:waits_for_release",
+        budget={"n_trials": 2, "batch_size": 2, "max_rounds": 1},
+        worker={"trials_per_task": 2},
+        mlflow={"experiment": name},
+    )
+    deployment = outage.deployment()
+    process_env(deployment)
+    run_id = f"manual__{secrets.token_hex(4)}"
+    study_name = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id=run_id)["study_name"]
+    batch, _ = suggest_batch(
+        deployment=deployment, study_name=study_name, round_number=1, dag_id=spec.dag_id, run_id=run_id
+    )
+    numbers = [t["trial_number"] for t in batch]
+    release = tmp_path / "release"
+    command = [sys.executable, "-m", "hpo_core.worker", "--study-name", study_name]
+    for number in numbers:
+        command += ["--trial-number", str(number)]
+    env = worker_env(deployment, **outage.s3_env, HPO_TEST_RELEASE=str(release))
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # the worker's bounded default, only shorter
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=outage.storage_url)
+        _wait(
+            lambda: TrialAttr.MLFLOW_RUN in study.trials[numbers[0]].user_attrs,
+            timeout=120,
+            what="the first trial runs with its MLflow run",
+        )
+        outage.stopped()
+        release.touch()
+        output, _ = worker.communicate(timeout=240)
+    finally:
+        worker.kill()
+    try:
+        assert worker.returncode == 0, output
+        trials = {t.number: t for t in study.get_trials()}
+        assert [trials[n].state for n in numbers] == [TrialState.COMPLETE] * 2, output
+        assert "child run not closed" in trials[numbers[0]].user_attrs[TrialAttr.TRACKING_MISSING]
+        assert "no child run" in trials[numbers[1]].user_attrs[TrialAttr.TRACKING_MISSING]
+        assert TrialAttr.MLFLOW_RUN not in trials[numbers[1]].user_attrs
+        # The round goes on: observe decides and stores its summary, marking the runs missing.
+        summary = observe_round(deployment=deployment, study_name=study_name, round_number=1)
+        assert (summary["complete"], summary["tracking_missing"]) == (2, numbers)
+        assert summary["stop_reason"] == "budget spent: 2 of 2 trials"
+        stored = optuna.load_study(study_name=study_name, storage=outage.storage_url).user_attrs
+        assert stored[f"{StudyAttr.ROUND_SUMMARY_PREFIX}1"]["tracking_missing"] == numbers
+        assert stored[StudyAttr.ROUNDS_UNLOGGED] == [1]
+    finally:
+        outage.back()
+
+    again = observe_round(deployment=deployment, study_name=study_name, round_number=1)  # a retry
+    assert again["tracking_missing"] == []
+    parent = _assert_logged_late(outage, study_name, trials, numbers)
+    result = finalize_study(deployment=deployment, study_name=study_name)
+    assert result["best_trial"] in numbers
+    assert outage.client().get_run(parent).info.status == "FINISHED"
+
+
+def _assert_logged_late(
+    outage: Outage, study_name: str, trials: dict[int, optuna.trial.FrozenTrial], numbers: list[int]
+) -> str:
+    """Both trials' runs are in MLflow now, closed like the worker would have; returns the parent run."""
+    attrs = optuna.load_study(study_name=study_name, storage=outage.storage_url).user_attrs
+    logged = attrs[StudyAttr.RUNS_LOGGED_LATE]
+    assert sorted(logged) == sorted(str(n) for n in numbers)
+    assert logged[str(numbers[0])] == trials[numbers[0]].user_attrs[TrialAttr.MLFLOW_RUN]
+    assert attrs[StudyAttr.ROUNDS_UNLOGGED] == []
+    client = outage.client()
+    for number in numbers:
+        run = client.get_run(logged[str(number)])
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["loss"] == pytest.approx(trials[number].value)
+        assert run.data.tags["hpo.trial_number"] == str(number)
+        assert run.data.tags[Tag.LOGGED_LATE] == trials[number].user_attrs[TrialAttr.TRACKING_MISSING]
+        assert run.data.params["x"] == str(trials[number].params["x"])
+        assert run.data.tags["mlflow.parentRunId"] == attrs[StudyAttr.PARENT_RUN]
+    parent = attrs[StudyAttr.PARENT_RUN]
+    assert [a.path for a in client.list_artifacts(parent, "rounds")] == ["rounds/round_001.json"]
+    return str(parent)
+
+
+def test_finalize_fails_while_mlflow_is_down_and_succeeds_on_retry_without_promoting_on_the_error(
+    outage: Outage, process_env: Callable[[Deployment], None]
+) -> None:
+    spec = _spec(f"down_final_{secrets.token_hex(3)}")
+    model = spec.mlflow.registered_model
+    assert model is not None
+    deployment = outage.deployment()
+    process_env(deployment)
+    study_name = _evaluated_study(outage, spec, deployment)
+    observe_round(deployment=deployment, study_name=study_name, round_number=1)
+    parent = optuna.load_study(study_name=study_name, storage=outage.storage_url).user_attrs[
+        StudyAttr.PARENT_RUN
+    ]
+
+    outage.stopped()
+    try:
+        with pytest.raises(
+            TrackingError, match=r"registry answered .*Connection refused.*nothing registered"
+        ):
+            finalize_study(deployment=deployment, study_name=study_name)
+    finally:
+        outage.back()
+    client = outage.client()
+    assert _versions(client, model) == []  # nothing registered, nothing promoted
+    assert client.get_run(parent).info.status == "RUNNING"
+
+    result = finalize_study(deployment=deployment, study_name=study_name)  # the retry
+    assert result["model_version"] == "1"
+    assert result["promotion"]["promoted"] is True
+    assert result["promotion"]["reason"] == "rule 'if_better': no champion yet"
+    assert client.get_model_version_by_alias(model, "champion").version == "1"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert finalize_study(deployment=deployment, study_name=study_name)["model_version"] == "1"
+    assert [v.version for v in _versions(client, model)] == ["1"]

@@ -39,6 +39,7 @@ __all__ = [
     "not_found",
     "start_trial_run",
     "tracking_call",
+    "trial_run_tags",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,32 @@ def fail_parent_run(mlflow_client: MlflowClient, parent: str, problem: str) -> N
     """Close a study's parent run as FAILED with the reason (``hpo.outcome``)."""
     mlflow_client.set_tag(parent, Tag.OUTCOME, f"failed: {problem}")
     mlflow_client.set_terminated(parent, status="FAILED")
+
+
+def trial_run_tags(
+    *,
+    study_name: str,
+    trial_number: int,
+    round_number: Any,
+    attempt: int,
+    parent_run: str | None,
+    retry_of: Any = None,
+) -> dict[str, str]:
+    """Tags of a trial attempt's child run (its name is ``trial N · attempt A``)."""
+    run_name = f"trial {trial_number} · attempt {attempt}"
+    tags = {
+        Tag.STUDY: study_name,
+        Tag.TRIAL_NUMBER: str(trial_number),
+        Tag.ROUND: str(round_number),
+        Tag.ATTEMPT: str(attempt),
+        Tag.ROLE: "trial",
+        "mlflow.runName": run_name,
+    }
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
+    if retry_of is not None:
+        tags[Tag.RETRY_OF] = str(retry_of)
+    return tags
 
 
 def start_trial_run(

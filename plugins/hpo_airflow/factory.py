@@ -16,7 +16,7 @@ from airflow.sdk import DAG, CronTriggerTimetable, Param, TaskGroup, task
 from airflow.sdk import TriggerRule as TR
 from airflow.sdk.exceptions import AirflowTimetableInvalid
 
-from hpo_airflow import alerts, tasks
+from hpo_airflow import alerts, callbacks, tasks
 from hpo_airflow.backends import backend_for
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import StudySpec
@@ -132,6 +132,8 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         max_active_runs=1,
         dagrun_timeout=timeout,
         deadline=alerts.deadline_alert(spec),
+        # A run that fails without finalize (dagrun_timeout) must not leave its MLflow run RUNNING.
+        on_failure_callback=callbacks.on_run_failed(spec),
         tags=["hpo", *spec.tags],
         params=study_params(spec),
         default_args=default_args,
