@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -41,7 +40,7 @@ from hpo_core.worker._child import (
 )
 from hpo_core.worker._outcome import TrialOutcome
 from hpo_core.worker._resilient import brief, storage_call, tell
-from hpo_core.worker._takeover import await_previous_attempt, claim, resolve_trial
+from hpo_core.worker._takeover import await_previous_attempt, claim, process_identity, resolve_trial
 
 __all__ = ["heartbeat_interval", "run_slot", "run_trial", "traceback_tail"]
 
@@ -217,7 +216,11 @@ class _Slot:
         if not finished and frozen.user_attrs.get(TrialAttr.WORKER) is not None:
             # An earlier attempt started this trial and did not report: take it over once it is gone.
             frozen = await_previous_attempt(
-                study, frozen, interval=self.interval, limit=self.timeout or self.interval
+                study,
+                self.deployment.storage_url,
+                frozen,
+                interval=self.interval,
+                limit=self.timeout or self.interval,
             )
             frozen, finished = resolve_trial(study, requested, attempt=attempt)
         if not finished:
@@ -265,12 +268,7 @@ class _Slot:
         """Record who evaluates the trial (this slot's process and attempt), and a first heartbeat."""
         now = time.time()
         attrs: dict[str, Any] = {
-            TrialAttr.WORKER: {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "attempt": self.attempt,
-                "started_at": now,
-            },
+            TrialAttr.WORKER: {**process_identity(), "attempt": self.attempt, "started_at": now},
             TrialAttr.HEARTBEAT: now,
         }
         self._set_attrs(frozen, attrs)
