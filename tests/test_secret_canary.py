@@ -63,7 +63,12 @@ def test_no_secret_canary_anywhere_on_the_kubernetes_pod_operator_path(
             name=STUDY,
             budget={"n_trials": 2, "batch_size": 2, "max_rounds": 1},
             mlflow={"experiment": STUDY, "registered_model": STUDY},
-            worker={"backend": "kubernetes", "image": "hpo-worker:test", "startup_timeout": 30},
+            worker={
+                "backend": "kubernetes",
+                "image": "hpo-worker:test",
+                "startup_timeout": 30,
+                "trials_per_task": 2,  # one pod for both trials
+            },
         ),
     )
     use_dags_folder(monkeypatch, folder)
@@ -81,7 +86,7 @@ def test_no_secret_canary_anywhere_on_the_kubernetes_pod_operator_path(
 
     found: dict[str, int] = {"task logs": (out + err).count(SECRET_CANARY)}
     pods = k8s_emulator.cluster.pod_requests
-    assert len(pods) == 2
+    assert len(pods) == 1
     found["pod bodies sent by the operator"] = _hits(pods)
     found["dag run conf"] = _hits(dag_run.conf)
     with create_session() as session:

@@ -209,35 +209,6 @@ def test_decide_raises_on_a_registry_error_instead_of_seeing_no_champion(
     assert (decision.promoted, decision.reason) == (True, "rule 'if_better': no champion yet")
 
 
-def test_a_failed_registry_search_never_registers_a_trial_twice(
-    outage: Outage, process_env: Callable[[Deployment], None]
-) -> None:
-    spec = _spec(f"reg_twice_{secrets.token_hex(3)}")
-    direct = outage.deployment()
-    process_env(direct)
-    name = _evaluated_study(outage, spec, direct)
-    result = finalize_study(deployment=direct, study_name=name)
-    model = spec.mlflow.registered_model
-    assert model is not None
-
-    via_proxy = outage.deployment(via_proxy=True)
-    process_env(via_proxy)
-    client = mlflow.MlflowClient(tracking_uri=outage.proxy.url)
-    study = optuna.load_study(study_name=name, storage=outage.storage_url)
-    best = study.trials[result["best_trial"]]
-    tags = lineage_tags(name, spec, best, attrs=study.user_attrs)
-    outage.proxy.fail(r"/model-versions/search", times=1)
-    try:
-        with pytest.raises(TrackingError, match=r"already has a version .*nothing registered"):
-            registry.register_trial_model(
-                client, name=model, model_uri=best.user_attrs[TrialAttr.MODEL_URI], tags=tags
-            )
-    finally:
-        outage.proxy.clear()
-    assert [v.version for v in _versions(outage.client(), model)] == [result["model_version"]]
-    assert registry.find_version(client, name=model, study=name, trial_number=str(best.number)) is not None
-
-
 # ----------------------------------------------------------------------- the server stopped
 
 
@@ -338,7 +309,7 @@ def _assert_logged_late(
     return str(parent)
 
 
-def test_finalize_fails_while_mlflow_is_down_and_succeeds_on_retry_without_promoting_on_the_error(
+def test_finalize_fails_while_mlflow_is_down_and_succeeds_on_retry_never_promoting_or_registering_twice(
     outage: Outage, process_env: Callable[[Deployment], None]
 ) -> None:
     spec = _spec(f"down_final_{secrets.token_hex(3)}")
@@ -372,3 +343,35 @@ def test_finalize_fails_while_mlflow_is_down_and_succeeds_on_retry_without_promo
     assert client.get_run(parent).info.status == "FINISHED"
     assert finalize_study(deployment=deployment, study_name=study_name)["model_version"] == "1"
     assert [v.version for v in _versions(client, model)] == ["1"]
+    _assert_a_failed_registry_search_never_registers_twice(
+        outage, process_env, spec, study_name, dict(result)
+    )
+
+
+def _assert_a_failed_registry_search_never_registers_twice(
+    outage: Outage,
+    process_env: Callable[[Deployment], None],
+    spec: StudySpec,
+    study_name: str,
+    result: dict[str, Any],
+) -> None:
+    """The registry fails to answer whether the trial's model is registered: an error, not "not
+    registered yet", so the model is not registered a second time."""
+    model = spec.mlflow.registered_model
+    assert model is not None
+    process_env(outage.deployment(via_proxy=True))
+    client = mlflow.MlflowClient(tracking_uri=outage.proxy.url)
+    study = optuna.load_study(study_name=study_name, storage=outage.storage_url)
+    best = study.trials[result["best_trial"]]
+    tags = lineage_tags(study_name, spec, best, attrs=study.user_attrs)
+    outage.proxy.fail(r"/model-versions/search", times=1)
+    try:
+        with pytest.raises(TrackingError, match=r"already has a version .*nothing registered"):
+            registry.register_trial_model(
+                client, name=model, model_uri=best.user_attrs[TrialAttr.MODEL_URI], tags=tags
+            )
+    finally:
+        outage.proxy.clear()
+    assert [v.version for v in _versions(outage.client(), model)] == [result["model_version"]]
+    found = registry.find_version(client, name=model, study=study_name, trial_number=str(best.number))
+    assert found is not None and found.version == result["model_version"]
