@@ -228,6 +228,8 @@ def airflow(
     celery = {
         "AIRFLOW__CORE__EXECUTOR": "hpo_airflow.executor.WarmLocalExecutor,CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": redis_server.url(),
+        # Task states in Redis too: the PostgreSQL server's connections are shared and scarce here.
+        "AIRFLOW__CELERY__RESULT_BACKEND": redis_server.url(1),
         CELERY_QUEUE_ENV: CELERY_QUEUE,
     }
     return airflow_factory(

@@ -156,6 +156,13 @@ def celery_run(
         state = client.wait_for_run(DAG_ID, run_id, timeout=600)
         yield CeleryRun(airflow, deployment, run_id, state, study, number, victim, evaluations)
     finally:
+        # Leave nothing queued for workers that are gone: the next tests share this Airflow.
+        airflow.client.pause(DAG_ID)
+        for found in airflow.client._json("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")["dag_runs"]:
+            if found["state"] not in ("success", "failed"):
+                airflow.client._json(
+                    "PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{found['dag_run_id']}", json={"state": "failed"}
+                )
         for name in WORKERS:
             process = airflow.processes.pop(f"celery-{name}", None)
             if process is not None:
