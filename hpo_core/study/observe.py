@@ -47,7 +47,9 @@ def observe_round(
     reason a trial left RUNNING is closed with). ``require_trials``: raise :class:`RoundNotRun`, and
     change nothing, when the round has no trials.
     """
-    with flushing(deployment.storage_url):
+    # Tracking is not the source of truth: with MLflow down the round goes on, and what it missed
+    # is logged by a later observe or by finalize.
+    with flushing(deployment.storage_url), runs.bounded_http_retries():
         return _observe(deployment, study_name, round_number, task_states, require_trials=require_trials)
 
 
@@ -79,9 +81,6 @@ def _observe(
     ours = accounting.ours(trials, attrs)
     # Made on first use: an observe that changes nothing and logs nothing never makes one.
     mlflow_client = functools.cache(lambda: runs.client(deployment, set_uris=False))
-    # Tracking is not the source of truth: with MLflow down the round goes on, and what it missed
-    # is logged by a later observe or by finalize.
-    runs.limit_http_retries()
     logged = dict(attrs.get(StudyAttr.RUNS_LOGGED_LATE) or {})
     # Runs of trials closed without their worker (here, or by a stale sweep) are still RUNNING.
     lost = [

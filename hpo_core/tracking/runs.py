@@ -25,6 +25,7 @@ from hpo_core.keys import Tag
 __all__ = [
     "ERROR_ARTIFACT",
     "TRACKING_ERRORS",
+    "bounded_http_retries",
     "client",
     "close_parent_run",
     "ensure_experiment",
@@ -33,7 +34,6 @@ __all__ = [
     "find_or_create_parent_run",
     "finish_trial_run",
     "flat_params",
-    "limit_http_retries",
     "log_params_once",
     "log_round",
     "not_found",
@@ -87,15 +87,23 @@ def tracking_call(what: str) -> Iterator[None]:
         raise TrackingError(message) from e
 
 
-def limit_http_retries(environ: MutableMapping[str, str] | None = None) -> None:
-    """Give MLflow's HTTP calls of this process a bounded retry budget, unless one is configured.
+@contextlib.contextmanager
+def bounded_http_retries(environ: MutableMapping[str, str] | None = None) -> Iterator[None]:
+    """Inside the block, MLflow's HTTP calls get a bounded retry budget, unless one is configured.
 
     Trial workers and ``observe`` go on without MLflow when it is down (the Optuna storage is the
     source of truth) and catch up later; MLflow's own default would stall each call for minutes.
+    A forked trial process inherits the setting; the process's environment is restored after.
     """
     env = os.environ if environ is None else environ
-    for key, value in BOUNDED_HTTP_RETRIES.items():
-        env.setdefault(key, value)
+    added = [key for key in BOUNDED_HTTP_RETRIES if key not in env]
+    for key in added:
+        env[key] = BOUNDED_HTTP_RETRIES[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            env.pop(key, None)
 
 
 def client(deployment: Deployment, *, set_uris: bool = True) -> MlflowClient:

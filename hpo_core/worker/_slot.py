@@ -77,7 +77,8 @@ def run_slot(
         HpoError: the study cannot be loaded (a setup error: no trial was touched).
     """
     slot = _Slot.open(deployment, study_name, attempt=attempt, timeout=timeout, relay=relay)
-    with _forward_sigterm(slot):
+    # MLflow down must not stall the trials (see _Slot._start_run).
+    with _forward_sigterm(slot), runs.bounded_http_retries():
         return _run_each(slot, trial_numbers)
 
 
@@ -183,7 +184,6 @@ class _Slot:
         relay: Callable[[str], None] | None,
     ) -> _Slot:
         loaded = storage_call("load the study", lambda: load_run(deployment, study_name))
-        runs.limit_http_retries()  # MLflow down must not stall the trials (see _start_run)
         return cls(
             deployment=deployment,
             loaded=loaded,
