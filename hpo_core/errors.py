@@ -11,6 +11,7 @@ __all__ = [
     "StorageConfigError",
     "StudyOutcomeError",
     "StudySpecError",
+    "TrackingError",
     "TrialStateError",
 ]
 
@@ -49,3 +50,11 @@ class PromotionError(HpoError, ValueError):
 
 class RegistryError(HpoError, RuntimeError):
     """The MLflow model registry did not register a version as asked (refused it, or timed out)."""
+
+
+class TrackingError(HpoError, RuntimeError):
+    """MLflow (tracking server or registry) could not be reached or failed; retry once it is back.
+
+    Only MLflow's "does not exist" answer means "none"; every other error becomes this one, so an
+    outage is never mistaken for "no champion yet" or "not registered yet".
+    """

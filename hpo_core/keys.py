@@ -45,6 +45,11 @@ class StudyAttr:
     #: The model the ``refit`` hook fitted for the best trial: ``{"trial", "model_uri", "run_id",
     #: "lineage"}``; a second finalize registers it instead of fitting again.
     REFIT: Final = "hpo.refit"
+    #: Trials whose MLflow child run was logged (or closed) after they finished, because MLflow was
+    #: unavailable during their evaluation: ``{trial number: run id}``.
+    RUNS_LOGGED_LATE: Final = "hpo.runs_logged_late"
+    #: Rounds whose summary could not be logged to the parent run yet (MLflow was unavailable).
+    ROUNDS_UNLOGGED: Final = "hpo.rounds_unlogged"
 
 
 class TrialAttr:
@@ -76,6 +81,9 @@ class TrialAttr:
     WARM_START: Final = "hpo.warm_start"
     #: Why a trial failed, in words (task log, MLflow and the round summary say the same).
     FAIL_REASON: Final = "fail_reason"
+    #: What the trial's MLflow child run lacks because MLflow failed during the evaluation (the result
+    #: is in Optuna all the same); ``observe`` or ``finalize`` logs the run once MLflow is back.
+    TRACKING_MISSING: Final = "hpo.tracking_missing"
 
 
 class Tag:
@@ -105,6 +113,8 @@ class Tag:
     NOTE: Final = "mlflow.note.content"
     #: On the run the ``refit`` hook fitted the registered model in (role ``refit``): its hook.
     REFIT: Final = "hpo.refit"
+    #: On a child run logged after its trial finished: what MLflow missed during the evaluation.
+    LOGGED_LATE: Final = "hpo.logged_late"
     #: On the parent run once finalize ran.
     OUTCOME: Final = "hpo.outcome"
     BEST_TRIAL: Final = "hpo.best_trial"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import numbers
 import time
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from hpo_core.errors import ObjectiveError, SearchSpaceError
 from hpo_core.spec import StudySpec
+from hpo_core.tracking.runs import TRACKING_ERRORS
 
 __all__ = [
     "PresetTrial",
@@ -61,12 +63,17 @@ def logged_model_of_run(run_id: str) -> str | None:
         return None
     return f"models:/{logged.model_id}"
 
+log = logging.getLogger(__name__)
+
 
 class TrialContext:
     """What an objective gets besides its params: identity, seed, reporting, logging.
 
     Metrics and models go to the trial's MLflow child run; intermediate values go to the
-    Optuna trial, so pruning works across the whole batch.
+    Optuna trial, so pruning works across the whole batch. Tracking is not the source of truth:
+    when MLflow fails, metrics and tags are dropped for the rest of the trial with a warning
+    (:attr:`tracking_missing` says what), and the objective goes on. ``log_model`` raises then:
+    the model to register cannot be kept anywhere else.
     """
 
     def __init__(
@@ -92,6 +99,8 @@ class TrialContext:
         self.attempt = attempt
         self.model_uri: str | None = None
         self.lineage: dict[str, str] = {}
+        #: What the MLflow run missed because MLflow failed (``None``: nothing).
+        self.tracking_missing: str | None = None
 
     @property
     def number(self) -> int:
@@ -118,18 +127,29 @@ class TrialContext:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log several metrics at once (one call to the tracking server)."""
-        if self.mlflow_run_id is None or not metrics:
+        if self.mlflow_run_id is None or self.tracking_missing or not metrics:
             return
         now = int(time.time() * 1000)
-        self._client().log_batch(
-            self.mlflow_run_id,
-            metrics=[Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()],
-        )
+        try:
+            self._client().log_batch(
+                self.mlflow_run_id,
+                metrics=[Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()],
+            )
+        except TRACKING_ERRORS as e:
+            self._tracking_failed("metrics", e)
 
     def set_tag(self, key: str, value: str) -> None:
         """Tag the trial's MLflow run."""
-        if self.mlflow_run_id is not None:
+        if self.mlflow_run_id is None or self.tracking_missing:
+            return
+        try:
             self._client().set_tag(self.mlflow_run_id, key, str(value))
+        except TRACKING_ERRORS as e:
+            self._tracking_failed("tags", e)
+
+    def _tracking_failed(self, what: str, error: BaseException) -> None:
+        self.tracking_missing = f"{what} from step on not logged: MLflow failed ({type(error).__name__})"
+        log.warning("trial %d: %s; the objective goes on", self.number, self.tracking_missing)
 
     def _client(self) -> MlflowClient:
         if self._mlflow_client is None:

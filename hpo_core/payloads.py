@@ -90,6 +90,9 @@ class RoundSummary(TypedDict):
     reconciled: list[int]
     failures: dict[int, str]
     stop_reason: str | None
+    #: Trials of the round whose MLflow run is missing for now (MLflow was unavailable); the Optuna
+    #: storage has their results, and a later observe or finalize logs the runs.
+    tracking_missing: list[int]
 
 
 class FinalizeResult(TypedDict):

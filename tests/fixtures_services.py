@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -16,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import mlflow
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.services import (
     REPO_ROOT,
@@ -23,13 +25,23 @@ from tests.services import (
     MLflowServer,
     MotoS3Server,
     PostgresServer,
+    RedisServer,
     ServiceStartError,
 )
 from tests.ui_auth import AUTH_ENV
 
 STARTUP_SECONDS: dict[str, float] = {}
 
-_S = TypeVar("_S", PostgresServer, MotoS3Server, MLflowServer, AirflowDeployment)
+#: One unique string that is every credential of the session's production stack: the PostgreSQL
+#: password of the Optuna storage, the S3 keys, the MLflow password. tests/test_secret_canary.py and
+#: tests/test_production_celery.py look for it wherever a secret must never be (logs, XCom, pods...).
+SECRET_CANARY = f"hpo-canary-{secrets.token_hex(8)}"
+#: The Celery queue of the session's Airflow (its Celery workers consume only this one).
+CELERY_QUEUE = f"hpo_test_{secrets.token_hex(4)}"
+#: Environment variable that hands the queue to DAG files parsed by that Airflow.
+CELERY_QUEUE_ENV = "HPO_TEST_CELERY_QUEUE"
+
+_S = TypeVar("_S", PostgresServer, MotoS3Server, MLflowServer, AirflowDeployment, RedisServer)
 
 
 @contextlib.contextmanager
@@ -69,7 +81,12 @@ def create_database(postgres_server: PostgresServer) -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def s3_server(services_workdir: Path) -> Generator[MotoS3Server, None, None]:
     """moto S3 server with the bucket ``s3_server.bucket``; ``s3_server.env()`` for clients."""
-    with _running(MotoS3Server(workdir=services_workdir / "moto"), "moto S3 server") as server:
+    moto = MotoS3Server(
+        workdir=services_workdir / "moto",
+        access_key_id=f"{SECRET_CANARY}-key-id",
+        secret_access_key=f"{SECRET_CANARY}-secret",
+    )
+    with _running(moto, "moto S3 server") as server:
         STARTUP_SECONDS["moto s3"] = server.startup_seconds
         yield server
 
@@ -109,12 +126,27 @@ def optuna_storage_url(create_database: Callable[[str], str]) -> str:
 
 @pytest.fixture(scope="session")
 def hpo_env(optuna_storage_url: str, mlflow_server: MLflowServer) -> dict[str, str]:
-    """The environment the HPO pipeline reads: Optuna storage, MLflow tracking, S3 endpoint and keys."""
+    """The environment the HPO pipeline reads: Optuna storage, MLflow tracking, S3 endpoint and keys.
+
+    Every credential holds :data:`SECRET_CANARY` (PostgreSQL trusts loopback and the test MLflow
+    server has no auth, so they are sent and ignored, as real ones would be sent and checked).
+    """
+    storage = make_url(optuna_storage_url).set(password=SECRET_CANARY)
     return {
-        "HPO_STORAGE_URL": optuna_storage_url,
+        "HPO_STORAGE_URL": storage.render_as_string(hide_password=False),
         "HPO_WORKER_BACKEND": "local",
         **mlflow_server.env(),
+        "MLFLOW_TRACKING_USERNAME": "hpo",
+        "MLFLOW_TRACKING_PASSWORD": SECRET_CANARY,
     }
+
+
+@pytest.fixture(scope="session")
+def redis_server(services_workdir: Path) -> Generator[RedisServer, None, None]:
+    """Redis, the Celery broker: the machine's at 127.0.0.1:6379, else a private one."""
+    with _running(RedisServer(workdir=services_workdir / "redis"), "Redis") as server:
+        STARTUP_SECONDS[f"redis ({'private' if server.private else 'shared'})"] = server.startup_seconds
+        yield server
 
 
 class AirflowFactory(Protocol):
@@ -181,16 +213,31 @@ def airflow_dags_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def airflow(
-    airflow_factory: AirflowFactory, airflow_dags_folder: Path, hpo_env: dict[str, str]
+    airflow_factory: AirflowFactory,
+    airflow_dags_folder: Path,
+    hpo_env: dict[str, str],
+    redis_server: RedisServer,
 ) -> AirflowDeployment:
     """The session's shared Airflow: dags in ``airflow_dags_folder``, the repo's ``plugins/`` folder,
     ``hpo_env`` plus ``PYTHONPATH`` (repo root and ``plugins/``) in every component and task, and an
-    auth manager that denies the user ``outsider`` the ``hpo_ui_*`` DAGs (``tests/ui_auth.py``)."""
+    auth manager that denies the user ``outsider`` the ``hpo_ui_*`` DAGs (``tests/ui_auth.py``).
+
+    Two executors: the warm LocalExecutor (the default) and the CeleryExecutor (Redis broker, queue
+    :data:`CELERY_QUEUE`) for tasks that ask for it; its workers are started by the tests that use
+    them (``AirflowDeployment.start_celery_worker``).
+    """
     pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "plugins")])
+    celery = {
+        "AIRFLOW__CORE__EXECUTOR": "hpo_airflow.executor.WarmLocalExecutor,CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": redis_server.url(),
+        # Task states in Redis too: the PostgreSQL server's connections are shared and scarce here.
+        "AIRFLOW__CELERY__RESULT_BACKEND": redis_server.url(1),
+        CELERY_QUEUE_ENV: CELERY_QUEUE,
+    }
     return airflow_factory(
         dags_folder=airflow_dags_folder,
         plugins_folder=REPO_ROOT / "plugins",
-        env={**hpo_env, "PYTHONPATH": pythonpath, **AUTH_ENV},
+        env={**hpo_env, **celery, "PYTHONPATH": pythonpath, **AUTH_ENV},
     )
 
 

@@ -96,3 +96,14 @@ def refit(params: dict[str, Any], ctx: Any) -> QuadraticModel:
 def two_metrics(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Two objectives: ``loss`` (the quadratic, minimised) and ``score`` (= x, maximised)."""
     return {"loss": quadratic_value(params), "score": float(params["x"])}
+def waits_for_release(params: dict[str, Any], ctx: TrialContext) -> float:
+    """Reports a step and logs a metric, then waits until the file $HPO_TEST_RELEASE exists (a test
+    changes the world meanwhile, e.g. stops the MLflow server), then reports again and returns."""
+    ctx.report(quadratic_value(params) + 1.0, 0)
+    release = Path(os.environ["HPO_TEST_RELEASE"])
+    deadline = time.monotonic() + 120
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ctx.report(quadratic_value(params) + 0.5, 1)
+    ctx.log_metric("after_release", 1.0)
+    return quadratic_value(params)

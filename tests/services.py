@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 import boto3
 import psutil
 import psycopg2
+import redis
 import requests
 from cryptography.fernet import Fernet
 
@@ -47,6 +48,7 @@ __all__ = [
     "MotoS3Server",
     "ParsedDag",
     "PostgresServer",
+    "RedisServer",
     "ServiceStartError",
     "free_port",
     "patched_environ",
@@ -467,6 +469,64 @@ class PostgresServer(_Service):
 
 
 # --------------------------------------------------------------------------------------------------
+# Redis (the Celery broker)
+
+
+class RedisServer(_Service):
+    """Redis on loopback: the machine's at 127.0.0.1:6379 when it answers PING, else a private
+    ``redis-server`` on a free port (no persistence) in ``workdir``."""
+
+    def __init__(self, *, workdir: Path, host: str = LOOPBACK, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.port = port or int(os.environ.get("HPO_TEST_REDIS_PORT", "6379"))
+        self.private = False
+        self.process: ManagedProcess | None = None
+        self.startup_seconds = 0.0
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(host=self.host, port=self.port, socket_timeout=2).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> Self:
+        started = time.monotonic()
+        if not self._answers():
+            executable = shutil.which("redis-server")
+            if executable is None:
+                raise ServiceStartError(
+                    f"no Redis answers at {self.host}:{self.port} and redis-server is not installed "
+                    "(apt-get install redis-server)"
+                )
+            self.private = True
+            self.port = free_port()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            argv = [executable, "--bind", self.host, "--port", str(self.port), "--save", "",
+                    "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+            self.process = ManagedProcess(
+                "redis", argv, env=_clean_environ(), log_path=self.workdir / "redis.log"
+            )
+            self.process.start()
+            wait_until(
+                self._answers,
+                timeout=30,
+                what=f"private redis-server on port {self.port}",
+                alive=self.process.alive,
+                log=self.process.log_tail,
+            )
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+# --------------------------------------------------------------------------------------------------
 # S3 (moto server)
 
 
@@ -590,8 +650,9 @@ class MLflowServer(_Service):
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, **self.s3.env()}
 
     def start(self) -> Self:
+        """Start the server; after :meth:`stop`, on the same port (clients keep their tracking URI)."""
         started = time.monotonic()
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.workdir.mkdir(parents=True, exist_ok=True)
         # The server's job runner (huey consumers polling in ~7 processes) serves MLflow features the
         # pipeline does not use; off, it leaves the 2 cores to the tests.
@@ -622,6 +683,19 @@ class MLflowServer(_Service):
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+    def down(self) -> bool:
+        """Whether nothing answers on the server's port (after :meth:`stop`: connections are refused)."""
+        try:
+            requests.get(f"{self.tracking_uri}/health", timeout=2)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    def restart(self) -> Self:
+        """Stop the server if it runs, and start it again on the same port with the same stores."""
+        self.stop()
+        return self.start()
 
     def log_tail(self, lines: int = 60) -> str:
         return self.process.log_tail(lines) if self.process else ""
@@ -1036,6 +1110,8 @@ class AirflowDeployment(_Service):
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
+            # Used only when the executors include Celery: task states in the metadata database.
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.database_url}",
             "PYTHONUNBUFFERED": "1",
         }
         return {**_clean_environ(), **config, **self.extra_env}
@@ -1121,6 +1197,47 @@ class AirflowDeployment(_Service):
             self.wait_component_healthy(name)
         return process
 
+    def start_celery_worker(
+        self,
+        name: str,
+        *,
+        queues: str,
+        concurrency: int = 2,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> ManagedProcess:
+        """Start ``airflow celery worker`` with Celery hostname ``<name>@<host>`` (component
+        ``celery-<name>``) consuming ``queues``; with ``wait``, until it is ready. ``env`` is added
+        to the deployment's environment (so to its task processes)."""
+        argv = [
+            _bin("airflow"), "celery", "worker", "--celery-hostname", f"{name}@%h", "--queues", queues,
+            "--concurrency", str(concurrency), "--skip-serve-logs",
+        ]  # fmt: skip
+        component = f"celery-{name}"
+        process = ManagedProcess(
+            component,
+            argv,
+            env={**self._env, **(env or {})},
+            log_path=self.logs_dir / f"{component}.log",
+            cwd=self.home,
+        )
+        process.start()
+        self.processes[component] = process
+        if wait:
+            self.wait_celery_worker(name)
+        return process
+
+    def wait_celery_worker(self, name: str, timeout: float = 180.0) -> None:
+        """Wait until Celery worker ``name`` says it is ready."""
+        process = self.processes[f"celery-{name}"]
+        wait_until(
+            lambda: f"{name}@" in process.log_tail(200) and " ready." in process.log_tail(200),
+            timeout=timeout,
+            what=f"Celery worker {name}",
+            alive=process.alive,
+            log=process.log_tail,
+        )
+
     def kill_component(self, name: str, *, group: bool = True) -> None:
         """SIGKILL a component; with ``group`` also its children (e.g. LocalExecutor workers and tasks)."""
         self.processes[name].kill(signal.SIGKILL, group=group)
@@ -1139,7 +1256,8 @@ class AirflowDeployment(_Service):
     def stop(self) -> None:
         """SIGTERM all components at once, then wait for (or SIGKILL) each."""
         order = ("scheduler", "triggerer", "dag-processor", "api-server")
-        running = [self.processes[name] for name in order if name in self.processes]
+        workers = [p for name, p in self.processes.items() if name.startswith("celery-")]
+        running = workers + [self.processes[name] for name in order if name in self.processes]
         for process in running:
             if process.alive():
                 process.kill(signal.SIGTERM)

@@ -25,7 +25,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core.deployment import Deployment
-from hpo_core.keys import TrialAttr
+from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.storage import open_storage
 from hpo_core.study.accounting import count_trials
 from hpo_core.study.finalize import finalize_study
@@ -376,6 +376,20 @@ def test_deadline_alert_calls_the_webhook_and_dagrun_timeout_fails_the_run(chaos
     (trial,) = _trials(study).values()
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"].startswith("terminated: the worker received SIGTERM")
+    # finalize never ran: the DAG's failure callback (in the DAG processor) closes the parent run.
+    tracking = mlflow.MlflowClient(tracking_uri=chaos.deployment.tracking_uri)
+    parent = study.user_attrs[StudyAttr.PARENT_RUN]
+    _wait_until(
+        lambda: tracking.get_run(parent).info.status != "RUNNING",
+        timeout=120,
+        what="the MLflow parent run of the timed-out run is closed",
+    )
+    closed_run = tracking.get_run(parent)
+    assert closed_run.info.status == "FAILED"
+    assert closed_run.data.tags["hpo.outcome"] == (
+        "failed: the DAG run timed out: budget.timeout (60s, the DAG's dagrun_timeout) passed before "
+        "finalize ran; its unfinished tasks were stopped"
+    )
     # The webhook URL (its token is a secret) shows in no component log.
     logs = "".join(p.read_text() for p in chaos.airflow.logs_dir.glob("*.log"))
     assert chaos.webhook.token not in logs

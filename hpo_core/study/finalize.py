@@ -6,19 +6,23 @@ import json
 import logging
 from typing import Any
 
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial
+
 from hpo_core.deployment import Deployment
-from hpo_core.errors import StudyOutcomeError
+from hpo_core.errors import StudyOutcomeError, TrialStateError
 from hpo_core.keys import StudyAttr
 from hpo_core.payloads import FinalizeResult
 from hpo_core.storage import flushing
 from hpo_core.study import accounting
-from hpo_core.study.observe import fail_lost_runs
+from hpo_core.study.observe import fail_lost_runs, log_missing_runs, log_unlogged_rounds
 from hpo_core.study.refit import model_to_register
 from hpo_core.study.state import load_run, set_study_attrs
 from hpo_core.tracking import plots, promotion, registry, runs
 from hpo_core.tracking.lineage import lineage_tags
 
-__all__ = ["finalize_study"]
+__all__ = ["close_unfinalized_run", "finalize_study"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,10 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> FinalizeResult
     Raises:
         StudyOutcomeError: no trial completed, or the failed fraction is above the spec's limit
             (the parent run is closed as FAILED with the reason first).
+        TrackingError: MLflow (tracking server or registry) failed; nothing was promoted on the
+            error, and a retry once it is back finishes the job.
     """
-    with flushing(deployment.storage_url):
+    with flushing(deployment.storage_url), runs.tracking_call(f"finalize study {study_name}"):
         return _finalize(deployment, study_name)
 
 
@@ -51,6 +57,7 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
     counts = accounting.count(accounting.counted(ours))
     best = accounting.pick_best(study, spec, ours)
     parent = attrs.get(StudyAttr.PARENT_RUN)
+    _log_what_mlflow_missed(mlflow_client, study, ours, attrs)
     problem = None
     if best is None:
         problem = f"no trial completed ({counts.failed} failed, {counts.pruned} pruned of {counts.counted})"
@@ -113,3 +120,50 @@ def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
         )
     log.info("study %s finalized: %s", study_name, json.dumps(result, default=str))
     return result
+
+
+def _log_what_mlflow_missed(
+    mlflow_client: MlflowClient, study: optuna.Study, trials: list[FrozenTrial], attrs: dict[str, Any]
+) -> None:
+    """Trial runs and round summaries MLflow missed during the run: logged now, or finalize fails
+    (the study's runs are complete before its parent run closes)."""
+    log_missing_runs(
+        lambda: mlflow_client, study, trials, attrs, dict(attrs.get(StudyAttr.RUNS_LOGGED_LATE) or {})
+    )
+    parent = attrs.get(StudyAttr.PARENT_RUN)
+    rounds = sorted(int(k) for k in attrs.get(StudyAttr.ROUNDS_UNLOGGED) or [])
+    if parent and rounds:
+        prefix = accounting.round_summary_prefix(attrs)
+        summaries = {k: attrs.get(f"{prefix}{k}") for k in rounds}
+        log_unlogged_rounds(mlflow_client, study, parent, rounds, summaries)
+
+
+def close_unfinalized_run(*, deployment: Deployment, study_name: str, run_id: str, reason: str) -> bool:
+    """Close the study's MLflow parent run as FAILED with ``reason``: its DAG run failed without
+    ``finalize`` closing it (``dagrun_timeout``, a run marked failed), so it would stay RUNNING.
+
+    A parent run that ``finalize`` already closed, or that belongs to another DAG run of a
+    long-lived study, is left alone; so is a study its ``start`` task never created.
+
+    Returns:
+        Whether a parent run was closed here.
+
+    Raises:
+        TrackingError: MLflow failed.
+    """
+    try:
+        loaded = load_run(deployment, study_name)
+    except TrialStateError:
+        log.info("study %s was never started: no MLflow run to close", study_name)
+        return False
+    attrs = loaded.attrs
+    parent = attrs.get(StudyAttr.PARENT_RUN)
+    if not parent or str(attrs.get(StudyAttr.RUN_ID)) != run_id:
+        return False
+    with runs.tracking_call(f"close the MLflow run of study {study_name}"):
+        mlflow_client = runs.client(deployment, set_uris=False)
+        if mlflow_client.get_run(parent).info.status != "RUNNING":
+            return False
+        runs.fail_parent_run(mlflow_client, parent, reason)
+    log.warning("study %s: MLflow parent run %s closed as FAILED: %s", study_name, parent, reason)
+    return True

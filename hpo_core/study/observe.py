@@ -5,15 +5,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import optuna
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core.deployment import Deployment
 from hpo_core.errors import TrialStateError
-from hpo_core.keys import StudyAttr, TrialAttr
+from hpo_core.keys import StudyAttr, Tag, TrialAttr
 from hpo_core.payloads import RoundSummary
 from hpo_core.spec import StudySpec
 from hpo_core.storage import flushing
@@ -22,7 +24,7 @@ from hpo_core.study.config import RunConfig
 from hpo_core.study.state import load_run
 from hpo_core.tracking import plots, runs
 
-__all__ = ["RoundNotRun", "fail_lost_runs", "observe_round"]
+__all__ = ["RoundNotRun", "fail_lost_runs", "log_missing_runs", "log_unlogged_rounds", "observe_round"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ def observe_round(
     reason a trial left RUNNING is closed with). ``require_trials``: raise :class:`RoundNotRun`, and
     change nothing, when the round has no trials.
     """
-    with flushing(deployment.storage_url):
+    # Tracking is not the source of truth: with MLflow down the round goes on, and what it missed
+    # is logged by a later observe or by finalize.
+    with flushing(deployment.storage_url), runs.bounded_http_retries():
         return _observe(deployment, study_name, round_number, task_states, require_trials=require_trials)
 
 
@@ -77,6 +81,7 @@ def _observe(
     ours = accounting.ours(trials, attrs)
     # Made on first use: an observe that changes nothing and logs nothing never makes one.
     mlflow_client = functools.cache(lambda: runs.client(deployment, set_uris=False))
+    logged = dict(attrs.get(StudyAttr.RUNS_LOGGED_LATE) or {})
     # Runs of trials closed without their worker (here, or by a stale sweep) are still RUNNING.
     lost = [
         t
@@ -85,22 +90,42 @@ def _observe(
         and t.state == TrialState.FAIL
         and t.user_attrs.get(TrialAttr.MLFLOW_RUN)
     ]
-    if lost:
-        fail_lost_runs(mlflow_client(), lost)
+    try:
+        if lost:
+            fail_lost_runs(mlflow_client(), lost)
+        log_missing_runs(mlflow_client, study, ours, attrs, logged)
+    except runs.TRACKING_ERRORS as e:
+        log.warning(
+            "MLflow unavailable: trial runs not logged yet (%s); a later observe or finalize will", _brief(e)
+        )
     counted = accounting.counted(ours)
     summary = _summary(spec, config, attrs, counted, round_number=round_number, closed=closed)
+    summary["tracking_missing"] = [n for n in _missing_runs(ours, logged) if n in summary["trials"]]
+    for number in summary["tracking_missing"]:
+        log.warning("trial %d: its MLflow run is missing for now (MLflow was unavailable)", number)
     prefix = accounting.round_summary_prefix(attrs)
     already = attrs.get(f"{prefix}{round_number}")
+    unlogged = sorted(int(k) for k in attrs.get(StudyAttr.ROUNDS_UNLOGGED) or [])
     if already is not None and _same_summary(already, summary):
         # observe ran again (cleared or retried) and nothing changed: log and store nothing twice.
         summary["reconciled"] = already.get("reconciled", [])
         log.info("round %d summary unchanged since the last observe", round_number)
     else:
         study.set_user_attr(f"{prefix}{round_number}", summary)
-        parent = attrs.get(StudyAttr.PARENT_RUN)
-        if parent:
-            runs.log_round(mlflow_client(), parent, summary)
-            plots.log_history_plot(mlflow_client(), parent, spec, attrs, trials)
+        unlogged = sorted({*unlogged, round_number})
+    parent = attrs.get(StudyAttr.PARENT_RUN)
+    if parent and unlogged:
+        summaries = {**{k: attrs.get(f"{prefix}{k}") for k in unlogged}, round_number: summary}
+        try:
+            log_unlogged_rounds(mlflow_client(), study, parent, unlogged, summaries)
+            if round_number in unlogged:
+                plots.log_history_plot(mlflow_client(), parent, spec, attrs, trials)
+        except runs.TRACKING_ERRORS as e:
+            log.warning(
+                "MLflow unavailable: round %d summary not logged to the parent run yet (%s)",
+                round_number,
+                _brief(e),
+            )
     if summary["stop_reason"] and attrs.get(StudyAttr.STOP) != summary["stop_reason"]:
         study.set_user_attr(StudyAttr.STOP, summary["stop_reason"])
     log.info("round %d summary: %s", round_number, json.dumps(summary, default=str))
@@ -147,6 +172,7 @@ def _summary(
             if t.state == TrialState.FAIL
         },
         stop_reason=stop,
+        tracking_missing=[],
     )
 
 
@@ -158,6 +184,118 @@ def fail_lost_runs(mlflow_client: MlflowClient, failed: list[FrozenTrial]) -> No
             continue
         reason = str(t.user_attrs.get(TrialAttr.FAIL_REASON, "worker lost"))
         runs.fail_trial_run(mlflow_client, run_id, reason=reason, details=f"trial {t.number}: {reason}")
+
+
+def _brief(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def _missing_runs(trials: list[FrozenTrial], logged: Mapping[str, Any]) -> list[int]:
+    """Finished trials whose MLflow run MLflow missed and nobody logged since."""
+    return [
+        t.number
+        for t in trials
+        if t.state.is_finished()
+        and t.user_attrs.get(TrialAttr.TRACKING_MISSING)
+        and str(t.number) not in logged
+    ]
+
+
+def log_missing_runs(
+    mlflow_client: Callable[[], MlflowClient],
+    study: optuna.Study,
+    trials: list[FrozenTrial],
+    attrs: Mapping[str, Any],
+    logged: dict[str, Any],
+) -> list[int]:
+    """Log the child runs that MLflow missed while their trials ran (``hpo.tracking_missing``).
+
+    A run that was never created is created from the trial's record in the storage (params,
+    metrics, state, reason; tag ``hpo.logged_late``); a run left open is closed with the trial's
+    state. Each one done is recorded in ``logged`` and in the study's ``hpo.runs_logged_late``
+    at once, so an outage halfway keeps what was done.
+
+    Returns:
+        The trial numbers logged now.
+
+    Raises:
+        The MLflow client's errors (:data:`hpo_core.tracking.runs.TRACKING_ERRORS`).
+    """
+    done = []
+    for number in _missing_runs(trials, logged):
+        trial = next(t for t in trials if t.number == number)
+        logged[str(number)] = _log_trial_run(mlflow_client(), study.study_name, attrs, trial)
+        study.set_user_attr(StudyAttr.RUNS_LOGGED_LATE, logged)
+        log.info("trial %d: MLflow run %s logged after the trial finished", number, logged[str(number)])
+        done.append(number)
+    return done
+
+
+def _log_trial_run(
+    mlflow_client: MlflowClient, study_name: str, attrs: Mapping[str, Any], trial: FrozenTrial
+) -> str:
+    missing = str(trial.user_attrs.get(TrialAttr.TRACKING_MISSING))
+    run_id = trial.user_attrs.get(TrialAttr.MLFLOW_RUN)
+    status = None
+    if run_id:
+        try:
+            status = mlflow_client.get_run(run_id).info.status
+        except MlflowException as e:
+            if not runs.not_found(e):
+                raise
+            run_id = None
+    if not run_id:
+        worker = trial.user_attrs.get(TrialAttr.WORKER) or {}
+        tags = runs.trial_run_tags(
+            study_name=study_name,
+            trial_number=trial.number,
+            round_number=trial.user_attrs.get(TrialAttr.ROUND),
+            attempt=int(worker.get("attempt") or 1),
+            parent_run=attrs.get(StudyAttr.PARENT_RUN),
+            retry_of=trial.user_attrs.get(TrialAttr.RETRY_OF),
+        )
+        tags[Tag.LOGGED_LATE] = missing[:5000]
+        run_id = runs.start_trial_run(
+            mlflow_client,
+            experiment_id=attrs.get(StudyAttr.EXPERIMENT),
+            run_name=tags["mlflow.runName"],
+            tags=tags,
+            params=runs.flat_params(trial.params),
+        )
+        status = "RUNNING"
+    if status in ("RUNNING", "SCHEDULED"):
+        reason = trial.user_attrs.get(TrialAttr.FAIL_REASON)
+        complete = trial.state == TrialState.COMPLETE
+        runs.finish_trial_run(
+            mlflow_client,
+            run_id,
+            state=trial.state.name,
+            metrics=dict(trial.user_attrs.get(TrialAttr.METRICS) or {}) if complete else {},
+            reason=reason,
+            error_text=f"trial {trial.number} failed: {reason}\n" if trial.state == TrialState.FAIL else None,
+        )
+        mlflow_client.set_tag(run_id, Tag.LOGGED_LATE, missing[:5000])
+    return str(run_id)
+
+
+def log_unlogged_rounds(
+    mlflow_client: MlflowClient,
+    study: optuna.Study,
+    parent: str,
+    rounds: list[int],
+    summaries: Mapping[int, Any],
+) -> None:
+    """Log round summaries that MLflow missed to the parent run, in order; ``hpo.rounds_unlogged``
+    keeps the ones still missing when MLflow fails halfway (the error is raised)."""
+    for index, number in enumerate(rounds):
+        try:
+            if summaries.get(number) is not None:
+                runs.log_round(mlflow_client, parent, summaries[number])
+        except runs.TRACKING_ERRORS:
+            study.set_user_attr(StudyAttr.ROUNDS_UNLOGGED, rounds[index:])
+            raise
+    if study.user_attrs.get(StudyAttr.ROUNDS_UNLOGGED):
+        study.set_user_attr(StudyAttr.ROUNDS_UNLOGGED, [])
 
 
 def _same_summary(stored: Mapping[str, Any], summary: Mapping[str, Any]) -> bool:

@@ -25,12 +25,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpo_core.deployment import Deployment
-from hpo_core.errors import ObjectiveError, PromotionError
+from hpo_core.errors import ObjectiveError, PromotionError, TrackingError
 from hpo_core.keys import Tag
 from hpo_core.space import import_callable
 from hpo_core.spec import StudySpec
 from hpo_core.tracking.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, quote
-from hpo_core.tracking.runs import client
+from hpo_core.tracking.runs import client, not_found
 
 __all__ = [
     "COMPARISON_NONE",
@@ -412,17 +412,43 @@ def _model_name(spec: StudySpec) -> str:
 
 
 def _alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at; ``None`` only when the model or the alias does not exist.
+
+    Read from the registered model's aliases (a missing alias is a 400 error, indistinguishable
+    from a bad request, in ``get_model_version_by_alias``).
+
+    Raises:
+        TrackingError: the registry failed: never read as "no such alias" (under ``if_better`` that
+            would promote "because there is no champion yet").
+    """
     try:
-        return mlflow_client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+        model = mlflow_client.get_registered_model(name)
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise TrackingError(_registry_failed(f"read the {alias!r} alias of model {name!r}", e)) from e
+    number = (model.aliases or {}).get(alias)
+    if number is None:
         return None
+    try:
+        return mlflow_client.get_model_version(name, str(number))
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise TrackingError(_registry_failed(f"read version {number} ({alias}) of model {name!r}", e)) from e
+
+
+def _registry_failed(what: str, error: MlflowException) -> str:
+    return f"cannot {what}: the registry answered {error.message!r}; nothing changed, retry once it is back"
 
 
 def _existing_model(mlflow_client: MlflowClient, name: str) -> Any:
     try:
         return mlflow_client.get_registered_model(name)
     except MlflowException as e:
-        raise PromotionError(f"registered model {name!r} does not exist; check the name") from e
+        if not_found(e):
+            raise PromotionError(f"registered model {name!r} does not exist; check the name") from e
+        raise TrackingError(_registry_failed(f"read model {name!r}", e)) from e
 
 
 def _existing_version(mlflow_client: MlflowClient, name: str, version: str) -> str:
@@ -432,6 +458,8 @@ def _existing_version(mlflow_client: MlflowClient, name: str, version: str) -> s
     try:
         found = mlflow_client.get_model_version(name, version)
     except MlflowException as e:
+        if not not_found(e):
+            raise TrackingError(_registry_failed(f"read version {version} of model {name!r}", e)) from e
         versions = sorted(
             (int(v.version) for v in mlflow_client.search_model_versions(f"name = '{quote(name)}'")),
         )

@@ -11,8 +11,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from hpo_core.errors import RegistryError
+from hpo_core.errors import RegistryError, TrackingError
 from hpo_core.keys import Tag
+from hpo_core.tracking.runs import not_found
 
 __all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "find_version", "register_trial_model"]
 
@@ -26,11 +27,21 @@ PREVIOUS_CHAMPION = "previous_champion"
 def find_version(
     mlflow_client: MlflowClient, *, name: str, study: str, trial_number: str
 ) -> ModelVersion | None:
-    """The version of ``name`` already registered for this study's trial, if any."""
+    """The version of ``name`` already registered for this study's trial, if any.
+
+    Raises:
+        TrackingError: the registry failed to answer (anything but "does not exist"): registering
+            now could register the trial's model twice.
+    """
     try:
         versions = mlflow_client.search_model_versions(f"name = '{quote(name)}'")
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if not_found(e):
+            return None
+        raise TrackingError(
+            f"cannot tell whether trial {trial_number} of study {study} already has a version of model "
+            f"{name!r}: the registry answered {e.message!r}; nothing registered, retry once it is back"
+        ) from e
     for v in versions:
         if v.tags.get(Tag.STUDY) == study and v.tags.get(Tag.TRIAL_NUMBER) == trial_number:
             return v
@@ -47,6 +58,7 @@ def register_trial_model(
 
     Raises:
         RegistryError: the registry refused the version or did not make it ready in time.
+        TrackingError: the registry could not be asked whether the trial's model is registered.
     """
     existing = find_version(
         mlflow_client, name=name, study=tags[Tag.STUDY], trial_number=tags[Tag.TRIAL_NUMBER]

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
+import botocore.exceptions
 import mlflow
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from hpo_core.deployment import Deployment
+from hpo_core.errors import TrackingError
 from hpo_core.keys import Tag
 
 __all__ = [
     "ERROR_ARTIFACT",
+    "TRACKING_ERRORS",
+    "bounded_http_retries",
     "client",
     "close_parent_run",
     "ensure_experiment",
@@ -28,7 +36,10 @@ __all__ = [
     "flat_params",
     "log_params_once",
     "log_round",
+    "not_found",
     "start_trial_run",
+    "tracking_call",
+    "trial_run_tags",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,61 @@ ERROR_ARTIFACT = "error.txt"
 
 
 _clients: dict[tuple[str, str | None], MlflowClient] = {}
+
+#: What a call to MLflow raises when the tracking server, the registry or the artifact store fails
+#: (MLflow wraps HTTP errors in ``MlflowException``; artifact uploads raise boto's or OS errors).
+TRACKING_ERRORS: tuple[type[BaseException], ...] = (
+    MlflowException,
+    requests.RequestException,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    OSError,
+)
+_DOES_NOT_EXIST = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+#: MLflow's HTTP retries where a tracking outage must not stall the work (trial workers, observe):
+#: about 10 s before a call gives up, instead of MLflow's default of about 4 minutes.
+BOUNDED_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def not_found(error: BaseException) -> bool:
+    """Whether MLflow answered "does not exist" (``RESOURCE_DOES_NOT_EXIST`` / HTTP 404).
+
+    The only answer that may mean "none": an outage or any other error is not an absence.
+    """
+    if not isinstance(error, MlflowException):
+        return False
+    return error.error_code == _DOES_NOT_EXIST or error.get_http_status_code() == 404
+
+
+@contextlib.contextmanager
+def tracking_call(what: str) -> Iterator[None]:
+    """Turn MLflow's errors inside the block into :class:`TrackingError` naming ``what`` failed."""
+    try:
+        yield
+    except TRACKING_ERRORS as e:
+        detail = e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}"
+        message = f"{what}: MLflow is unavailable or failed ({detail}); retry once it is back"
+        raise TrackingError(message) from e
+
+
+@contextlib.contextmanager
+def bounded_http_retries(environ: MutableMapping[str, str] | None = None) -> Iterator[None]:
+    """Inside the block, MLflow's HTTP calls get a bounded retry budget, unless one is configured.
+
+    Trial workers and ``observe`` go on without MLflow when it is down (the Optuna storage is the
+    source of truth) and catch up later; MLflow's own default would stall each call for minutes.
+    A forked trial process inherits the setting; the process's environment is restored after.
+    """
+    env = os.environ if environ is None else environ
+    added = [key for key in BOUNDED_HTTP_RETRIES if key not in env]
+    for key in added:
+        env[key] = BOUNDED_HTTP_RETRIES[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            env.pop(key, None)
 
 
 def client(deployment: Deployment, *, set_uris: bool = True) -> MlflowClient:
@@ -204,6 +270,32 @@ def fail_parent_run(mlflow_client: MlflowClient, parent: str, problem: str) -> N
     """Close a study's parent run as FAILED with the reason (``hpo.outcome``)."""
     mlflow_client.set_tag(parent, Tag.OUTCOME, f"failed: {problem}")
     mlflow_client.set_terminated(parent, status="FAILED")
+
+
+def trial_run_tags(
+    *,
+    study_name: str,
+    trial_number: int,
+    round_number: Any,
+    attempt: int,
+    parent_run: str | None,
+    retry_of: Any = None,
+) -> dict[str, str]:
+    """Tags of a trial attempt's child run (its name is ``trial N · attempt A``)."""
+    run_name = f"trial {trial_number} · attempt {attempt}"
+    tags = {
+        Tag.STUDY: study_name,
+        Tag.TRIAL_NUMBER: str(trial_number),
+        Tag.ROUND: str(round_number),
+        Tag.ATTEMPT: str(attempt),
+        Tag.ROLE: "trial",
+        "mlflow.runName": run_name,
+    }
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
+    if retry_of is not None:
+        tags[Tag.RETRY_OF] = str(retry_of)
+    return tags
 
 
 def start_trial_run(

@@ -63,6 +63,8 @@ class Evaluation:
     error_text: str | None = None
     model_uri: str | None = None
     lineage: dict[str, str] = field(default_factory=dict)
+    #: What the trial's MLflow run missed because MLflow failed during the objective (metrics, tags).
+    tracking_missing: str | None = None
     #: Modules the trial imported that this slot process has not: imported here before the next
     #: trial's fork, so only the slot's first trial pays for the objective's lazy imports.
     new_modules: list[str] = field(default_factory=list)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -21,15 +20,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo_core.deployment import Deployment
 from hpo_core.errors import HpoError
-from hpo_core.keys import StudyAttr, Tag, TrialAttr
+from hpo_core.keys import StudyAttr, TrialAttr
 from hpo_core.objective import TrialContext, call_objective, logged_model_of_run, normalize_result
 from hpo_core.space import import_callable
 from hpo_core.spec import StudySpec
 from hpo_core.storage import TrialClaim
 from hpo_core.storage import trials as stored
 from hpo_core.study.state import LoadedStudy, load_run
-from hpo_core.tracking import runs
-from hpo_core.tracking.backlinks import trial_run_tags
+from hpo_core.tracking import backlinks, runs
 from hpo_core.worker._child import (
     CHILD_KILL_GRACE,
     Child,
@@ -42,7 +40,7 @@ from hpo_core.worker._child import (
 )
 from hpo_core.worker._outcome import TrialOutcome
 from hpo_core.worker._resilient import brief, storage_call, tell
-from hpo_core.worker._takeover import await_previous_attempt, claim, resolve_trial
+from hpo_core.worker._takeover import await_previous_attempt, claim, process_identity, resolve_trial
 
 __all__ = ["heartbeat_interval", "run_slot", "run_trial", "traceback_tail"]
 
@@ -79,7 +77,8 @@ def run_slot(
         HpoError: the study cannot be loaded (a setup error: no trial was touched).
     """
     slot = _Slot.open(deployment, study_name, attempt=attempt, timeout=timeout, relay=relay)
-    with _forward_sigterm(slot):
+    # MLflow down must not stall the trials (see _Slot._start_run).
+    with _forward_sigterm(slot), runs.bounded_http_retries():
         return _run_each(slot, trial_numbers)
 
 
@@ -161,6 +160,8 @@ class _Slot:
         self.attempt, self.timeout, self.relay = attempt, timeout, relay
         self.interval = heartbeat_interval(loaded.spec)
         self.stopping = False
+        #: Per trial number: what its MLflow run missed so far (MLflow failed).
+        self.tracking_missing: dict[int, str] = {}
         self._child: Child | None = None
         self.modules_at_fork: frozenset[str] = frozenset()
         self.config = loaded.config
@@ -215,7 +216,11 @@ class _Slot:
         if not finished and frozen.user_attrs.get(TrialAttr.WORKER) is not None:
             # An earlier attempt started this trial and did not report: take it over once it is gone.
             frozen = await_previous_attempt(
-                study, frozen, interval=self.interval, limit=self.timeout or self.interval
+                study,
+                self.deployment.storage_url,
+                frozen,
+                interval=self.interval,
+                limit=self.timeout or self.interval,
             )
             frozen, finished = resolve_trial(study, requested, attempt=attempt)
         if not finished:
@@ -263,12 +268,7 @@ class _Slot:
         """Record who evaluates the trial (this slot's process and attempt), and a first heartbeat."""
         now = time.time()
         attrs: dict[str, Any] = {
-            TrialAttr.WORKER: {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "attempt": self.attempt,
-                "started_at": now,
-            },
+            TrialAttr.WORKER: {**process_identity(), "attempt": self.attempt, "started_at": now},
             TrialAttr.HEARTBEAT: now,
         }
         self._set_attrs(frozen, attrs)
@@ -282,35 +282,44 @@ class _Slot:
         log.warning("trial %d: %s", frozen.number, taken_over)
         previous_run = frozen.user_attrs.get(TrialAttr.MLFLOW_RUN)
         if previous_run:
-            runs.fail_trial_run(self.mlflow, previous_run, reason=f"worker lost: {taken_over}")
+            try:
+                runs.fail_trial_run(self.mlflow, previous_run, reason=f"worker lost: {taken_over}")
+            except runs.TRACKING_ERRORS as e:
+                log.warning("trial %d: the lost attempt's MLflow run stays open: %s", frozen.number, brief(e))
 
-    def _start_run(self, frozen: FrozenTrial, params: dict[str, Any], *, retry_of: Any) -> str:
-        """Open the trial attempt's MLflow child run and record it on the trial."""
-        run_name = f"trial {frozen.number} · attempt {self.attempt}"
-        tags = {
-            Tag.STUDY: self.study.study_name,
-            Tag.TRIAL_NUMBER: str(frozen.number),
-            Tag.ROUND: str(frozen.user_attrs.get(TrialAttr.ROUND)),
-            Tag.ATTEMPT: str(self.attempt),
-            Tag.ROLE: "trial",
-            "mlflow.runName": run_name,
-            **trial_run_tags(frozen.user_attrs, attempt=self.attempt),
-        }
-        if self.parent_run:
-            tags["mlflow.parentRunId"] = self.parent_run
-        if retry_of is not None:
-            tags[Tag.RETRY_OF] = str(retry_of)
-        run_id = runs.start_trial_run(
-            self.mlflow,
-            experiment_id=self.experiment_id,
-            run_name=run_name,
-            tags=tags,
-            params=runs.flat_params(params),
-        )
+    def _start_run(self, frozen: FrozenTrial, params: dict[str, Any], *, retry_of: Any) -> str | None:
+        """Open the trial attempt's MLflow child run and record it on the trial.
+
+        MLflow down is not the trial's failure (the Optuna storage is the source of truth): the trial
+        is evaluated without a child run, ``hpo.tracking_missing`` says why, and ``observe`` or
+        ``finalize`` logs the run once MLflow is back. Returns ``None`` then.
+        """
+        tags = runs.trial_run_tags(
+            study_name=self.study.study_name,
+            trial_number=frozen.number,
+            round_number=frozen.user_attrs.get(TrialAttr.ROUND),
+            attempt=self.attempt,
+            parent_run=self.parent_run,
+            retry_of=retry_of,
+        ) | backlinks.trial_run_tags(frozen.user_attrs, attempt=self.attempt)
+        try:
+            run_id = runs.start_trial_run(
+                self.mlflow,
+                experiment_id=self.experiment_id,
+                run_name=tags["mlflow.runName"],
+                tags=tags,
+                params=runs.flat_params(params),
+            )
+        except runs.TRACKING_ERRORS as e:
+            missing = f"no child run: MLflow was unavailable when the trial started ({brief(e)})"
+            log.warning("trial %d: %s; evaluating it all the same", frozen.number, missing)
+            self.tracking_missing[frozen.number] = missing
+            self._set_attrs(frozen, {TrialAttr.TRACKING_MISSING: missing})
+            return None
         self._set_attrs(frozen, {TrialAttr.MLFLOW_RUN: run_id})
         return run_id
 
-    def _evaluate(self, frozen: FrozenTrial, params: dict[str, Any], *, run_id: str) -> Evaluation:
+    def _evaluate(self, frozen: FrozenTrial, params: dict[str, Any], *, run_id: str | None) -> Evaluation:
         """Run the objective in a forked child (its crash, hang or kill ends only this trial)."""
         self.modules_at_fork = frozenset(sys.modules)
         child = Child.fork(lambda: _evaluate_in_child(self, frozen, params, run_id=run_id))
@@ -342,10 +351,14 @@ class _Slot:
         params: dict[str, Any],
         result: Evaluation,
         *,
-        run_id: str,
+        run_id: str | None,
         retry_of: Any,
     ) -> TrialOutcome:
-        """Tell the storage and close the MLflow run: the slot process does it, whatever the child did."""
+        """Tell the storage and close the MLflow run: the slot process does it, whatever the child did.
+
+        The result reaches the storage whatever MLflow does: a run that cannot be closed is left
+        for ``observe`` or ``finalize`` to close (``hpo.tracking_missing``).
+        """
         attrs: dict[str, Any] = {}
         if result.model_uri:
             attrs[TrialAttr.MODEL_URI] = result.model_uri
@@ -370,23 +383,31 @@ class _Slot:
                 f"trial {frozen.number} failed (attempt {self.attempt})\n"
                 f"params: {json.dumps(params, default=str)}\n{reason}\n\n" + (result.error_text or "")
             )
+        missing = [m for m in (self.tracking_missing.pop(frozen.number, None), result.tracking_missing) if m]
+        if run_id is not None:
+            try:
+                runs.finish_trial_run(
+                    self.mlflow,
+                    run_id,
+                    state=state.name,
+                    metrics=result.metrics if state == TrialState.COMPLETE else {},
+                    reason=reason,
+                    error_text=error_text,
+                )
+            except runs.TRACKING_ERRORS as e:
+                missing.append(f"child run not closed: MLflow was unavailable at the end ({brief(e)})")
+                log.warning("trial %d: %s; the result is stored all the same", frozen.number, missing[-1])
+        if missing:
+            attrs[TrialAttr.TRACKING_MISSING] = "; ".join(missing)[:2000]
         if attrs:
             self._set_attrs(frozen, attrs)
-        runs.finish_trial_run(
-            self.mlflow,
-            run_id,
-            state=state.name,
-            metrics=result.metrics if state == TrialState.COMPLETE else {},
-            reason=reason,
-            error_text=error_text,
-        )
         tell(self.study, frozen, state=state, values=result.values if state == TrialState.COMPLETE else None)
         import_quietly(result.new_modules)
         return TrialOutcome(frozen.number, requested, state.name, result.values, reason, retry_of)
 
 
 def _evaluate_in_child(
-    slot: _Slot, frozen: FrozenTrial, params: dict[str, Any], *, run_id: str
+    slot: _Slot, frozen: FrozenTrial, params: dict[str, Any], *, run_id: str | None
 ) -> Evaluation:
     """The objective call, in the forked child; everything it logs goes to the slot's relay."""
     spec, result = slot.spec, Evaluation()
@@ -394,9 +415,15 @@ def _evaluate_in_child(
     # the trial's, in the study's experiment whatever the environment or an earlier caller set.
     for variable in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         os.environ.pop(variable, None)
-    if slot.experiment_id is not None:
-        mlflow.set_experiment(experiment_id=str(slot.experiment_id))
-    mlflow.start_run(run_id=run_id, nested=True)
+    if run_id is not None:
+        try:
+            if slot.experiment_id is not None:
+                mlflow.set_experiment(experiment_id=str(slot.experiment_id))
+            mlflow.start_run(run_id=run_id, nested=True)
+        except runs.TRACKING_ERRORS as e:  # MLflow went down: the objective runs without its run
+            result.tracking_missing = f"the objective ran without its MLflow run ({brief(e)})"
+            log.warning("trial %d: %s", frozen.number, result.tracking_missing)
+            run_id = None
     trial = stored.live_trial(slot.study, frozen)
     ctx = TrialContext(
         trial=trial,
@@ -431,8 +458,10 @@ def _evaluate_in_child(
         result.reason = f"{type(e).__name__}: {e}"
         result.error_text = traceback.format_exc()
     # An Optuna objective(trial) has no ctx: it logs its model with MLflow's own API, in this run.
-    result.model_uri = ctx.model_uri or logged_model_of_run(run_id)
+    result.model_uri = ctx.model_uri or (logged_model_of_run(run_id) if run_id else None)
     result.lineage = dict(ctx.lineage)
+    if ctx.tracking_missing:
+        result.tracking_missing = "; ".join(m for m in (result.tracking_missing, ctx.tracking_missing) if m)
     result.new_modules = [name for name in sys.modules if name not in slot.modules_at_fork]
     return result
 

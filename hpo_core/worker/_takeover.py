@@ -3,8 +3,12 @@
 A trial still RUNNING is taken over once the attempt that started it is gone; a trial closed as FAIL
 is replaced by a new trial with the same params and ``hpo.retry_of``; a COMPLETE or PRUNED trial is
 never evaluated again. Only the holder of a trial's claim evaluates it, so twin launches never run
-one trial twice. Whether the previous attempt is gone is decided from the trial's own record (its
-heartbeat) on any host; on the same host its process is checked too.
+one trial twice. Whether the previous attempt is gone does not rest on where it ran (a Celery worker
+or a pod on another machine, or a container that shares this host name): while it holds the trial's
+claim it is alive (the database drops a claim with its holder's session, on any host; a trial
+process that outlived its killed worker still holds it through the inherited connection); with the
+claim free it is gone once its process is gone (checked only when it ran in this very kernel and PID
+namespace, :func:`process_identity`) or, anywhere else, once its heartbeat is three periods old.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from hpo_core.keys import TrialAttr
 from hpo_core.storage import TrialClaim
 from hpo_core.storage import trials as stored
 
-__all__ = ["attempt_of", "await_previous_attempt", "claim", "resolve_trial"]
+__all__ = ["attempt_of", "await_previous_attempt", "claim", "process_identity", "resolve_trial"]
 
 log = logging.getLogger("hpo_core.worker")
 
@@ -141,12 +145,12 @@ def _log_claimed(study: optuna.Study, frozen: FrozenTrial) -> None:
 
 
 def await_previous_attempt(
-    study: optuna.Study, frozen: FrozenTrial, *, interval: float, limit: float
+    study: optuna.Study, storage_url: str, frozen: FrozenTrial, *, interval: float, limit: float
 ) -> FrozenTrial:
     """Wait while the attempt that started ``frozen`` may still be running it (at most ``limit`` s)."""
     deadline = time.monotonic() + limit
     announced = False
-    while _previous_attempt_alive(frozen, interval) and time.monotonic() < deadline:
+    while _previous_attempt_alive(storage_url, frozen, interval) and time.monotonic() < deadline:
         if not announced:
             log.warning(
                 "trial %d: the attempt that started it may still be running (%s); waiting for it",
@@ -161,22 +165,52 @@ def await_previous_attempt(
     return frozen
 
 
-def _previous_attempt_alive(trial: FrozenTrial, interval: float) -> bool:
-    """Whether the worker recorded on ``trial`` may still be evaluating it.
+def process_identity() -> dict[str, Any]:
+    """This process, as recorded on the trial it evaluates (``hpo.worker``).
 
-    It is gone when its heartbeat is older than three periods, or, on this host, when its
-    process no longer exists.
+    A host name is no identity (containers and pods may share one, PIDs are per namespace): the
+    kernel's boot id and the PID namespace say whether another process can check this one at all,
+    and the start time tells it from a later process that reuses the PID.
     """
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": _pid_namespace(),
+        "started": _start_ticks(pid),
+    }
+
+
+def _previous_attempt_alive(storage_url: str, trial: FrozenTrial, interval: float) -> bool:
+    """Whether the worker recorded on ``trial`` may still be evaluating it (see the module docstring)."""
+    if _claim_held(storage_url, trial):
+        return True
     worker = trial.user_attrs.get(TrialAttr.WORKER) or {}
+    if _same_pid_namespace(worker):
+        return _process_alive(worker.get("pid"), worker.get("started"))
     beat = float(trial.user_attrs.get(TrialAttr.HEARTBEAT) or 0)
-    if time.time() - beat > 3 * interval:
+    return time.time() - beat <= 3 * interval
+
+
+def _claim_held(storage_url: str, trial: FrozenTrial) -> bool:
+    """Whether some process holds the trial's claim now (False where the database has no claims)."""
+    probe = TrialClaim(storage_url, stored.trial_id(trial))
+    if probe.try_acquire():
+        probe.release()
         return False
-    if worker.get("host") == socket.gethostname():
-        return _process_alive(worker.get("pid"))
     return True
 
 
-def _process_alive(pid: Any) -> bool:
+def _same_pid_namespace(worker: dict[str, Any]) -> bool:
+    """Whether the recorded process ran under this kernel boot and in this PID namespace."""
+    boot, namespace = worker.get("boot_id"), worker.get("pid_ns")
+    return bool(boot and namespace) and boot == _read("/proc/sys/kernel/random/boot_id") and (
+        namespace == _pid_namespace()
+    )
+
+
+def _process_alive(pid: Any, started: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return False
     try:
@@ -185,8 +219,35 @@ def _process_alive(pid: Any) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a killed child its parent has not reaped yet is a zombie: gone too
+    try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields[0] == "Z":  # a killed child its parent has not reaped yet is a zombie: gone too
+        return False
+    # Another process that got the same PID later is not the recorded one.
+    return started is None or str(started) == fields[19]
+
+
+@functools.cache
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of ``/proc/<pid>/stat``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None

@@ -17,7 +17,7 @@ from airflow.sdk import TriggerRule as TR
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import AirflowTimetableInvalid, ParamValidationError
 
-from hpo_airflow import alerts, tasks
+from hpo_airflow import alerts, callbacks, tasks
 from hpo_airflow.backends import backend_for
 from hpo_airflow.links import finalize_task
 from hpo_core import checks
@@ -134,6 +134,8 @@ def build_study_dag(spec: StudySpec, *, source: Path | None = None) -> DAG:
         max_active_runs=1,
         dagrun_timeout=timeout,
         deadline=alerts.deadline_alert(spec),
+        # A run that fails without finalize (dagrun_timeout) must not leave its MLflow run RUNNING.
+        on_failure_callback=callbacks.on_run_failed(spec),
         tags=["hpo", *spec.tags],
         params=study_params(spec),
         default_args=default_args,

@@ -16,7 +16,7 @@ from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from hpo_airflow.settings import prepare_task_process, resolve_deployment
-from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError
+from hpo_core.errors import HpoError, StudyOutcomeError, StudySpecError, TrackingError
 from hpo_core.payloads import FinalizeResult, RoundSummary, SlotPayload, StudyHandle
 from hpo_core.spec import StudySpec
 from hpo_core.study.config import slot_task_id, study_name_for
@@ -147,6 +147,8 @@ def finalize(study: StudyHandle | None) -> FinalizeResult:
         result = finalize_study(deployment=resolve_deployment(), study_name=study["study_name"])
     except StudyOutcomeError as e:
         raise AirflowFailException(str(e)) from e
+    except TrackingError as e:  # MLflow is down: the task's retry (or a clear) finishes the job
+        raise AirflowException(f"finalize failed: {e}") from e
     except HpoError as e:
         raise AirflowFailException(f"finalize failed: {e}") from e
     if broken:

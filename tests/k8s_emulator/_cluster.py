@@ -185,6 +185,8 @@ class Cluster:
         self._changes: list[tuple[int, str, str, dict[str, Any]]] = []
         self._faults: list[Fault] = []
         self._images: list[tuple[str, list[str], list[str]]] = []
+        #: Every pod body a client sent to create a pod, as sent (the secret canary test reads them).
+        self.pod_requests: list[dict[str, Any]] = []
         self.reset()
 
     # ----------------------------------------------------------------------------------------- state
@@ -198,6 +200,7 @@ class Cluster:
             self._objects = {kind: {} for kind in ("secrets", "configmaps", "events", "namespaces")}
             self._changes.clear()
             self._faults.clear()
+            self.pod_requests.clear()
             self._created = 0
             for namespace in self._initial_namespaces:
                 self._store_namespace(namespace)
@@ -316,6 +319,8 @@ class Cluster:
             raise ApiError.bad_request("the body of the request must be a Pod object")
         if body.get("kind") not in (None, "Pod"):
             raise ApiError.bad_request(f"expected kind Pod, got {body.get('kind')!r}")
+        with self.cond:
+            self.pod_requests.append(copy.deepcopy(dict(body)))
         meta = body.get("metadata") or {}
         if meta.get("namespace") not in (None, "", namespace):
             raise ApiError.bad_request(
