@@ -21,6 +21,7 @@ from hpo_core.space import check_params, sample_params
 from hpo_core.storage import open_storage
 from hpo_core.study import suggest as suggest_module
 from hpo_core.study.accounting import count_trials
+from hpo_core.study.ask import SamplerRun, ask_batch
 from hpo_core.study.config import RunConfig
 from hpo_core.study.start import start_study
 from hpo_core.study.suggest import suggest_batch
@@ -235,3 +236,30 @@ def test_two_suggest_attempts_of_one_round_at_once_write_one_batch(
     in_round = [t for t in study.get_trials() if t.user_attrs.get(TrialAttr.ROUND) == 1]
     assert sorted(t.number for t in in_round) == sorted(b["trial_number"] for b in first)
     assert len(study.get_trials()) == 4  # nothing of the losing attempt was written
+
+
+def test_suggest_on_a_study_beyond_the_history_bound_asks_what_the_asker_asks_of_the_whole_study(
+    local_deployment: Deployment, create_database: Callable[[str], str]
+) -> None:
+    """Past K finished trials suggest reads params only of the history it shows TPE: same batch."""
+    deployment = _pg_deployment(local_deployment, create_database)
+    spec = make_spec(
+        sampler={"type": "tpe", "seed": 5, "n_startup_trials": 3, "history_limit": 50},
+        budget={"n_trials": 200, "batch_size": 8, "max_rounds": 30, "max_batch_size": 8},
+    )
+    name = start_study(spec, deployment=deployment, dag_id=spec.dag_id, run_id="bounded")["study_name"]
+    for k in range(1, 10):  # 72 finished trials: past the bound of 50
+        batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=k)
+        _tell_batch(deployment, name, batch)
+    storage = open_storage(deployment.storage_url)
+    everything = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    config = RunConfig.from_attrs(storage.get_study_user_attrs(storage.get_study_id_from_name(name)))
+    expected = ask_batch(
+        spec,
+        run=SamplerRun(seed=config.seed, round_number=10, options=config.sampler_options),
+        trials=everything,
+        size=8,
+    )
+    assert expected.history_seen < len(everything)  # the bound applied
+    batch, _ = suggest_batch(deployment=deployment, study_name=name, round_number=10)
+    assert [(b["trial_number"], b["params"]) for b in batch] == [(t.number, t.params) for t in expected.batch]

@@ -54,6 +54,7 @@ __all__ = [
     "study_system_attrs",
     "trial_by_number",
     "trial_id",
+    "with_params",
     "write_batch",
 ]
 
@@ -76,6 +77,7 @@ def read_trials(
     system_attrs: bool | Collection[TrialState] = False,
     intermediate_values: bool = False,
     states: Collection[TrialState] | None = None,
+    params_of: Collection[int] | None = None,
 ) -> list[FrozenTrial]:
     """The study's trials in number order, read with a few plain queries: only what is asked for.
 
@@ -85,7 +87,9 @@ def read_trials(
     intermediate values when asked: a few hundred milliseconds for the same study. Trials come
     back as ``FrozenTrial`` with the other attribute maps empty. ``system_attrs`` may name the
     states whose trials' system attributes are read (a sampler may need them of running trials
-    only). On a storage that is not an RDB storage, the full trials are returned.
+    only). ``params_of``: read the params of these trial ids only (the others come back without
+    params: a sampler with a bounded history needs few). On a storage that is not an RDB storage,
+    the full trials are returned.
     """
     backend = _rdb(study)
     if backend is None:
@@ -105,7 +109,11 @@ def read_trials(
         rows = connection.execute(query.order_by(trials_table.c.number)).all()
         values = _children(connection, models.TrialValueModel, ours, ("objective", "value", "value_type"))
         params = _children(
-            connection, models.TrialParamModel, ours, ("param_name", "param_value", "distribution_json")
+            connection,
+            models.TrialParamModel,
+            ours,
+            ("param_name", "param_value", "distribution_json"),
+            trial_ids=params_of,
         )
         users = _children(
             connection, models.TrialUserAttributeModel, ours, ("key", "value_json"), keys=user_attrs
@@ -160,25 +168,55 @@ def read_trials(
     return out
 
 
+def with_params(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Copies of ``trials`` (read without params, :func:`read_trials`) with their params read now."""
+    backend = _rdb(study)
+    if backend is None:
+        return list(trials)
+    ids = [trial_id(t) for t in trials]
+    with backend.engine.connect() as connection:
+        params = _children(
+            connection,
+            models.TrialParamModel,
+            sqlalchemy.select(models.TrialModel.__table__.c.trial_id),
+            ("param_name", "param_value", "distribution_json"),
+            trial_ids=ids,
+        )
+    distribution = _memo(json_to_distribution)
+    out = []
+    for t in trials:
+        rows = params.get(trial_id(t), ())
+        filled = copy.copy(t)
+        filled.distributions = {name: distribution(text) for name, _, text in rows}
+        filled.params = {name: filled.distributions[name].to_external_repr(value) for name, value, _ in rows}
+        out.append(filled)
+    return out
+
+
 def _children(
     connection: sqlalchemy.Connection,
     model: Any,
-    trial_ids: sqlalchemy.Select[Any],
+    of: sqlalchemy.Select[Any],
     columns: tuple[str, ...],
     *,
     keys: Collection[str] | None = None,
+    trial_ids: Collection[int] | None = None,
 ) -> dict[int, list[tuple[Any, ...]]]:
-    """``columns`` of a per-trial table for the study's trials, by trial id, in insertion order
-    (``keys``: only the attributes with these keys)."""
+    """``columns`` of a per-trial table for the trials ``of`` selects (or the given ``trial_ids``),
+    by trial id, in insertion order (``keys``: only the attributes with these keys)."""
     table = model.__table__
     query = sqlalchemy.select(table.c.trial_id, *(table.c[name] for name in columns)).where(
-        table.c.trial_id.in_(trial_ids)
+        table.c.trial_id.in_(of) if trial_ids is None else table.c.trial_id.in_(list(trial_ids))
     )
     if keys is not None:
         query = query.where(table.c.key.in_(list(keys)))
     grouped: dict[int, list[tuple[Any, ...]]] = {}
-    for tid, *rest in connection.execute(query.order_by(table.primary_key.columns.values()[0])).all():
-        grouped.setdefault(tid, []).append(tuple(rest))
+    for row in connection.execute(query.order_by(table.primary_key.columns.values()[0])).tuples():
+        found = grouped.get(row[0])
+        if found is None:
+            grouped[row[0]] = [row[1:]]
+        else:
+            found.append(row[1:])
     return grouped
 
 

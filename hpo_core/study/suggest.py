@@ -18,7 +18,7 @@ from hpo_core.spec import StudySpec
 from hpo_core.storage import flushing
 from hpo_core.storage import trials as stored
 from hpo_core.study import accounting
-from hpo_core.study.ask import SamplerRun, ask_batch
+from hpo_core.study.ask import UNBOUNDED_SAMPLERS, SamplerRun, ask_batch, select_history
 from hpo_core.study.config import slot_of
 from hpo_core.study.state import LoadedStudy, load_run
 
@@ -85,6 +85,8 @@ def _suggest(
             trials = _read(study, spec)
         ours = accounting.ours(trials, attrs)
         existing = _round_batch(ours, round_number)
+        if existing and not _whole_study(spec):
+            existing = stored.with_params(study, existing)
         if existing:
             log.info("round %d already suggested: trials %s", round_number, [t.number for t in existing])
             return [
@@ -118,10 +120,36 @@ def _suggest(
 
 
 def _read(study: optuna.Study, spec: StudySpec) -> list[FrozenTrial]:
-    """Every trial of the study, with what suggest and the sampler read of it."""
-    needs = SAMPLERS[spec.sampler.type].trial_state
-    system = True if needs == "all" else (TrialState.RUNNING, TrialState.WAITING)
-    return stored.read_trials(study, user_attrs=_READ, system_attrs=system)
+    """Every trial of the study, with what suggest counts and what the sampler keeps on trials.
+
+    A sampler whose state lives on finished trials (grid, CMA-ES, NSGA-II, QMC) gets every trial with
+    its params and system attributes; TPE and GP get the trials without params here, and the params
+    of the bounded history they see afterwards (:func:`_history`): on a large study that is a few
+    hundred trials' params instead of every trial's.
+    """
+    if _whole_study(spec):
+        return stored.read_trials(study, user_attrs=_READ, system_attrs=True)
+    return stored.read_trials(
+        study, user_attrs=_READ, system_attrs=(TrialState.RUNNING, TrialState.WAITING), params_of=()
+    )
+
+
+def _whole_study(spec: StudySpec) -> bool:
+    """Whether the sampler reads every trial's params (else only its bounded history's)."""
+    return SAMPLERS[spec.sampler.type].trial_state == "all" or spec.sampler.type in UNBOUNDED_SAMPLERS
+
+
+def _history(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials the sampler sees, with their params: the bounded history (``sampler.history_limit``)."""
+    if _whole_study(spec):
+        return trials
+    seen = select_history(
+        trials,
+        limit=spec.sampler.history_limit,
+        sampler_type=spec.sampler.type,
+        directions=[d.name.lower() for d in study.directions],
+    )
+    return stored.with_params(study, seen)
 
 
 def _round_batch(ours: list[FrozenTrial], round_number: int) -> list[FrozenTrial]:
@@ -150,7 +178,7 @@ def _ask_and_write(
     asked = ask_batch(
         spec,
         run=SamplerRun(seed=config.seed, round_number=round_number, options=config.sampler_options),
-        trials=trials,
+        trials=_history(study, spec, trials),
         size=size,
         directions=[d.name.lower() for d in study.directions],
         study_system_attrs=stored.study_system_attrs(study),
@@ -192,7 +220,7 @@ def _ask_and_write(
         len(batch),
         [b["trial_number"] for b in batch],
         asked.history_seen,
-        asked.history_given,
+        len(trials),
     )
     return batch
 
