@@ -27,8 +27,9 @@ from hpo_core.deployment import Deployment, redact_url
 from hpo_core.errors import HpoError, StudySpecError
 from hpo_core.keys import StudyAttr
 from hpo_core.spec import SCHEMA_PATH, StudySpec, load_spec, study_schema_text
+from hpo_core.storage import trials as stored
 from hpo_core.storage import upgrade_schema
-from hpo_core.study.accounting import count_trials, pick_best
+from hpo_core.study.accounting import count_trials, ours, pick_best
 from hpo_core.study.progress import StudyProgress, find_study, load_progress
 from hpo_core.study.state import load_run
 from hpo_core.tracking import promotion, registry, runs
@@ -49,8 +50,9 @@ def study_summary(deployment: Deployment, study_name: str, *, check_model: bool 
     """Best value and params, trial counts, MLflow parent run and registered version of a study."""
     loaded = load_run(deployment, study_name)
     study, spec = loaded.study, loaded.spec
-    counts = count_trials(study)
-    best = pick_best(study, spec)
+    trials = stored.read_trials(study)  # one lean read for the counts and the best trial
+    counts = count_trials(study, trials)
+    best = pick_best(study, spec, ours(trials, loaded.attrs))
     index = spec.objective_metrics.index(spec.score_metric)
     out: dict[str, Any] = {
         "study": study_name,
@@ -209,6 +211,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
 def _airflow_loader() -> tuple[Any, str | None]:
     """The Airflow side's study-file loader, or ``None`` and why it is not available here."""
     try:

@@ -63,6 +63,7 @@ def logged_model_of_run(run_id: str) -> str | None:
         return None
     return f"models:/{logged.model_id}"
 
+
 log = logging.getLogger(__name__)
 
 

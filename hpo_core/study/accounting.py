@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -24,6 +25,7 @@ __all__ = [
     "counted",
     "deadline",
     "ours",
+    "pareto_front",
     "pick_best",
     "reconcile_trials",
     "round_summary_prefix",
@@ -100,16 +102,18 @@ def count(trials: list[FrozenTrial]) -> StudyCounts:
     )
 
 
-def count_trials(study: optuna.Study) -> StudyCounts:
-    """Count the trials that make up the study's budget."""
-    return count(counted(ours(study.get_trials(deepcopy=False), study.user_attrs)))
+def count_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> StudyCounts:
+    """Count the trials that make up the study's budget (``trials``: as just read, else read here)."""
+    if trials is None:
+        trials = stored.read_trials(study, user_attrs=_COUNTING)
+    return count(counted(ours(trials, study.user_attrs)))
 
 
 def trials_of_round(study: optuna.Study, round_number: int) -> list[FrozenTrial]:
     """The trials suggested for round ``round_number`` of the study's current DAG run."""
     return [
         t
-        for t in ours(study.get_trials(deepcopy=False), study.user_attrs)
+        for t in ours(stored.read_trials(study), study.user_attrs)
         if t.user_attrs.get(TrialAttr.ROUND) == round_number
     ]
 
@@ -135,15 +139,14 @@ def pick_best(
     ``trials``: the run's trials as just read (:func:`ours`); read here when not given.
     """
     if trials is None:
-        trials = ours(study.get_trials(deepcopy=False), study.user_attrs)
+        trials = ours(stored.read_trials(study), study.user_attrs)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return None
     if not spec.is_multi_objective:
         sign = 1.0 if spec.direction == "minimize" else -1.0
         return min(complete, key=lambda t: sign * float(t.values[0]))
-    front_numbers = {t.number for t in study.best_trials}
-    front = [t for t in complete if t.number in front_numbers] or complete
+    front = pareto_front(complete, spec.all_directions)
     choice = spec.pareto_choice
     assert choice is not None  # validated for multi-objective specs
     metrics = spec.objective_metrics
@@ -158,6 +161,27 @@ def pick_best(
     idx = metrics.index(choice.metric)
     sign = 1.0 if spec.all_directions[idx] == "maximize" else -1.0
     return max(front, key=lambda t: sign * t.values[idx])
+
+
+def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """The complete ``trials`` no other of them dominates (every value as good, one better)."""
+    if not trials:
+        return []
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    points = np.array([t.values for t in trials], dtype=float) * signs  # all minimised
+    dominated = np.zeros(len(points), dtype=bool)
+    for start in range(0, len(points), _PARETO_CHUNK):
+        block = points[start : start + _PARETO_CHUNK]
+        no_worse = (points[None, :, :] <= block[:, None, :]).all(axis=2)
+        better = (points[None, :, :] < block[:, None, :]).any(axis=2)
+        dominated[start : start + _PARETO_CHUNK] = (no_worse & better).any(axis=1)
+    return [t for t, d in zip(trials, dominated, strict=True) if not d]
+
+
+#: Rows of the dominance matrix computed at once (memory: chunk x trials x objectives booleans).
+_PARETO_CHUNK = 256
+#: User attributes that counting the budget reads.
+_COUNTING = (TrialAttr.ROUND, TrialAttr.RUN_ID, TrialAttr.RETRY_OF, TrialAttr.DISCARDED)
 
 
 def deadline(attrs: Mapping[str, Any], spec: StudySpec) -> str | None:
@@ -188,10 +212,11 @@ def reconcile_trials(
     round whose last sign of life is older than that many seconds. ``trials``: the study's trials
     as just read (else they are read here).
     """
-    closed = []
     now = time.time()
     if trials is None:
-        trials = study.get_trials(deepcopy=False)
+        trials = stored.read_trials(study)
+    reasons: dict[int, str] = {}
+    numbers: dict[int, int] = {}
     for t in trials:
         if t.state not in (TrialState.RUNNING, TrialState.WAITING):
             continue
@@ -213,13 +238,12 @@ def reconcile_trials(
             )
             if now - last > stale_after:
                 reason = f"stale: no sign of life from its worker for {now - last:.0f}s"
-        if reason is None:
-            continue
-        try:
-            stored.fail_trial(study, t, reason)
-        except (RuntimeError, ValueError) as e:  # finished meanwhile by a late worker
-            log.info("trial %d changed state while reconciling: %s", t.number, e)
-            continue
-        log.warning("trial %d closed as FAIL: %s", t.number, reason)
-        closed.append(t.number)
-    return closed
+        if reason is not None:
+            reasons[stored.trial_id(t)] = reason
+            numbers[stored.trial_id(t)] = t.number
+    closed_ids = stored.fail_trials(study, reasons)
+    for tid in set(reasons) - set(closed_ids):  # finished meanwhile by a late worker
+        log.info("trial %d changed state while reconciling: kept its result", numbers[tid])
+    for tid in closed_ids:
+        log.warning("trial %d closed as FAIL: %s", numbers[tid], reasons[tid])
+    return sorted(numbers[tid] for tid in closed_ids)

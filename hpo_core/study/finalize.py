@@ -15,6 +15,7 @@ from hpo_core.errors import StudyOutcomeError, TrialStateError
 from hpo_core.keys import StudyAttr
 from hpo_core.payloads import FinalizeResult
 from hpo_core.storage import flushing
+from hpo_core.storage import trials as stored
 from hpo_core.study import accounting
 from hpo_core.study.observe import fail_lost_runs, log_missing_runs, log_unlogged_rounds
 from hpo_core.study.refit import model_to_register
@@ -45,12 +46,12 @@ def finalize_study(*, deployment: Deployment, study_name: str) -> FinalizeResult
 def _finalize(deployment: Deployment, study_name: str) -> FinalizeResult:
     loaded = load_run(deployment, study_name)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
-    trials = study.get_trials(deepcopy=False)
+    trials = stored.read_trials(study)
     closed = accounting.reconcile_trials(study, round_number=spec.budget.max_rounds, trials=trials)
     # Registration and promotion use MLflow's process-wide URIs (mlflow.register_model, models:/).
     mlflow_client = runs.client(deployment, set_uris=bool(spec.mlflow.registered_model))
     if closed:
-        trials = study.get_trials(deepcopy=False)
+        trials = stored.read_trials(study)
         lost = set(closed)
         fail_lost_runs(mlflow_client, [t for t in trials if t.number in lost])
     ours = accounting.ours(trials, attrs)

@@ -19,6 +19,7 @@ from hpo_core.keys import StudyAttr, Tag, TrialAttr
 from hpo_core.payloads import RoundSummary
 from hpo_core.spec import StudySpec
 from hpo_core.storage import flushing
+from hpo_core.storage import trials as stored
 from hpo_core.study import accounting
 from hpo_core.study.config import RunConfig
 from hpo_core.study.state import load_run
@@ -63,7 +64,7 @@ def _observe(
 ) -> RoundSummary:
     loaded = load_run(deployment, study_name, round_number=round_number)
     study, spec, attrs, config = loaded.study, loaded.spec, loaded.attrs, loaded.config
-    trials = study.get_trials(deepcopy=False)
+    trials = stored.read_trials(study)
     in_round = [
         t for t in accounting.ours(trials, attrs) if t.user_attrs.get(TrialAttr.ROUND) == round_number
     ]
@@ -77,7 +78,7 @@ def _observe(
         trials=trials,
     )
     if closed:
-        trials = study.get_trials(deepcopy=False)
+        trials = stored.read_trials(study)
     ours = accounting.ours(trials, attrs)
     # Made on first use: an observe that changes nothing and logs nothing never makes one.
     mlflow_client = functools.cache(lambda: runs.client(deployment, set_uris=False))

@@ -37,6 +37,7 @@ from hpo_core.study import accounting
 __all__ = [
     "ARTIFACT_DIR",
     "MIN_TRIALS_FOR_IMPORTANCE",
+    "PLOT_LIMIT",
     "figures",
     "log_final_plots",
     "log_history_plot",
@@ -45,6 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The most finished trials a plot draws: a larger run's plots show its best tenth of these and its
+#: most recent others (fANOVA and the parallel coordinates on 10,000 trials cost tens of seconds).
+PLOT_LIMIT = 2_000
 #: Completed trials needed before parameter importances are drawn (fANOVA on fewer says little).
 MIN_TRIALS_FOR_IMPORTANCE = 4
 #: Artifact folder of the plots on the parent run.
@@ -62,8 +66,16 @@ def plot_study(spec: StudySpec, attrs: Mapping[str, Any], trials: list[FrozenTri
     enough: :func:`hpo_core.storage.trials.read_trials` with a few attributes will do).
     """
     counted = accounting.counted(accounting.ours(trials, attrs))
+    finished = sorted((t for t in counted if t.state.is_finished()), key=lambda t: t.number)
+    if len(finished) > PLOT_LIMIT:
+        index, direction = accounting.score_index(spec), spec.all_directions[accounting.score_index(spec)]
+        sign = -1.0 if direction == "maximize" else 1.0
+        complete = [t for t in finished if t.state == TrialState.COMPLETE and t.values]
+        best = sorted(complete, key=lambda t: sign * t.values[index])[: PLOT_LIMIT // 10]
+        kept = {t.number for t in best} | {t.number for t in finished[-(PLOT_LIMIT - len(best)) :]}
+        finished = [t for t in finished if t.number in kept]
     copy = optuna.create_study(directions=[StudyDirection[d.upper()] for d in spec.all_directions])
-    copy.add_trials(sorted((t for t in counted if t.state.is_finished()), key=lambda t: t.number))
+    copy.add_trials(finished)
     return copy
 
 

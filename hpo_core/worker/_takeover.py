@@ -46,15 +46,16 @@ _NOT_INHERITED = (
 def resolve_trial(study: optuna.Study, requested: int, *, attempt: int) -> tuple[FrozenTrial, bool]:
     """Find the trial this attempt must evaluate for mapped trial ``requested``.
 
-    Follows the chain of replacements; creates a new replacement when the last one failed.
+    Follows the chain of replacements; creates a new replacement when the last one failed. Reads
+    the requested trial and its replacements only, not the study (a large study stays cheap).
 
     Returns:
         ``(trial, finished)``: ``finished`` is True when the trial already has a final result.
     """
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if requested not in by_number:
+    found = stored.read_trials(study, numbers=[requested])
+    if not found:
         raise TrialStateError(f"study {study.study_name!r} has no trial {requested}")
-    current = by_number[requested]
+    current = found[0]
     while True:
         if current.state in (TrialState.COMPLETE, TrialState.PRUNED):
             return current, True
@@ -63,13 +64,15 @@ def resolve_trial(study: optuna.Study, requested: int, *, attempt: int) -> tuple
         if attempt_of(current) >= attempt:
             # Failed under this attempt (a twin launch) or a later one: that is this attempt's result.
             return current, True
-        successors = sorted(
-            (t for t in by_number.values() if t.user_attrs.get(TrialAttr.RETRY_OF) == current.number),
-            key=lambda t: t.number,
-        )
+        successors = _replacements_of(study, current.number)
         if not successors:
             return _create_replacement(study, current, requested=requested, attempt=attempt), False
         current = successors[0]
+
+
+def _replacements_of(study: optuna.Study, number: int) -> list[FrozenTrial]:
+    """The trials created to replace trial ``number`` (``hpo.retry_of``), oldest first."""
+    return stored.read_trials(study, having=(TrialAttr.RETRY_OF, number))
 
 
 def attempt_of(trial: FrozenTrial) -> int:
@@ -93,11 +96,7 @@ def _create_replacement(
         study, params=failed.params, distributions=failed.distributions, attrs=attrs
     )
     # Two attempts racing for the same replacement: the later one discards itself.
-    rivals = [
-        t.number
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get(TrialAttr.RETRY_OF) == failed.number and t.number != created.number
-    ]
+    rivals = [t.number for t in _replacements_of(study, failed.number) if t.number != created.number]
     if rivals and min(rivals) < created.number:
         stored.fail_trial(study, created, "duplicate replacement", key=TrialAttr.DISCARDED)
         return stored.trial_by_number(study, min(rivals))
@@ -205,8 +204,10 @@ def _claim_held(storage_url: str, trial: FrozenTrial) -> bool:
 def _same_pid_namespace(worker: dict[str, Any]) -> bool:
     """Whether the recorded process ran under this kernel boot and in this PID namespace."""
     boot, namespace = worker.get("boot_id"), worker.get("pid_ns")
-    return bool(boot and namespace) and boot == _read("/proc/sys/kernel/random/boot_id") and (
-        namespace == _pid_namespace()
+    return (
+        bool(boot and namespace)
+        and boot == _read("/proc/sys/kernel/random/boot_id")
+        and (namespace == _pid_namespace())
     )
 
 
