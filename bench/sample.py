@@ -271,7 +271,6 @@ def run_seq_tpe(
     """Plain Optuna TPE, sequential, one sampler for the whole study."""
     import optuna
 
-
     study = optuna.create_study(sampler=build_sampler(spec, seed=seed), direction="minimize")
     values = []
     for _ in range(budget):
@@ -287,7 +286,6 @@ def run_random(
 ) -> list[float]:
     """Random search (the floor)."""
     import optuna
-
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="minimize")
     values = []
@@ -540,6 +538,7 @@ def paired_ratio(
     A replicate draws the seeds with replacement once and uses that draw for both sides of every
     problem's ratio, so a hard seed (problem instance) is hard for both.
     """
+
     def ratio(p: str, draw: list[int]) -> float:
         mine = statistics.median(by_seed[(p, key[0], key[1])][s] for s in draw)
         ref = statistics.median(by_seed[(p, reference[0], reference[1])][s] for s in draw)

@@ -89,9 +89,7 @@ def check_study(spec: StudySpec, *, source: str | Path) -> None:
 
 def _check_sampler_packages(spec: StudySpec, source: str | Path) -> None:
     """A sampler that needs a package this environment lacks would fail mid-run: refuse it now."""
-    missing = [
-        name for name in SAMPLERS[spec.sampler.type].requires if importlib.util.find_spec(name) is None
-    ]
+    missing = SAMPLERS[spec.sampler.type].missing()
     if missing:
         raise StudySpecError(
             f"{source}: sampler.type: {spec.sampler.type!r} needs the Python package(s) {missing}, which "

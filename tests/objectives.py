@@ -96,6 +96,8 @@ def refit(params: dict[str, Any], ctx: Any) -> QuadraticModel:
 def two_metrics(params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
     """Two objectives: ``loss`` (the quadratic, minimised) and ``score`` (= x, maximised)."""
     return {"loss": quadratic_value(params), "score": float(params["x"])}
+
+
 def waits_for_release(params: dict[str, Any], ctx: TrialContext) -> float:
     """Reports a step and logs a metric, then waits until the file $HPO_TEST_RELEASE exists (a test
     changes the world meanwhile, e.g. stops the MLflow server), then reports again and returns."""

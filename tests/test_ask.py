@@ -245,10 +245,7 @@ def test_duplicate_draws_are_discarded_and_keep_their_numbers(tmp_path: Path) ->
     assert len({(t.params["x"], t.params["optimizer"]) for t in kept}) == 4  # every point, none twice
     discarded = [t for t in batch.trials if t.discarded]
     assert discarded, "a four-point space asked four times by random search draws duplicates"
-    assert all(
-        t.state == TrialState.FAIL and list(t.user_attrs) == [TrialAttr.DISCARDED]
-        for t in discarded
-    )
+    assert all(t.state == TrialState.FAIL and list(t.user_attrs) == [TrialAttr.DISCARDED] for t in discarded)
     assert [t.number for t in batch.trials] == list(range(len(batch.trials)))
 
 

@@ -1,7 +1,8 @@
 """Every valid study survives its stored form unchanged and builds a DAG (property test, hypothesis).
 
 The strategy draws study files over the whole schema: float / int / categorical parameters,
-conditions with ``equals`` and ``in``, a space function instead of a space, every sampler, one or
+conditions with ``equals`` and ``in``, a space function instead of a space, every sampler this
+environment can run (gp needs torch: its refusal is tests/test_validate.py), one or
 several objectives, and every optional section (schedule, warm start, promotion, pruner, alerts,
 Kubernetes worker, refit hook).
 """
@@ -29,6 +30,8 @@ CHOICE = st.one_of(
     st.booleans(),
     st.none(),
 )
+#: The samplers whose packages this environment has (the others are refused up front, by design).
+RUNNABLE = {name: info for name, info in SAMPLERS.items() if not info.missing()}
 PRUNERS = ["none", "median", "percentile", "successive_halving", "hyperband"]
 SCHEDULES = st.sampled_from([None, "@daily", "@hourly", "@once", "0 3 * * *", "*/15 2-5 * * 1-5"])
 
@@ -87,7 +90,7 @@ def search_spaces(draw: st.DrawFn, *, finite: bool) -> dict[str, Any]:
 def objectives(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     """The objective section (one or several) and the sampler that fits it."""
     if draw(st.booleans()):
-        sampler = draw(st.sampled_from([n for n, s in SAMPLERS.items() if s.single_objective]))
+        sampler = draw(st.sampled_from([n for n, s in RUNNABLE.items() if s.single_objective]))
         section: dict[str, Any] = {"direction": draw(st.sampled_from(["minimize", "maximize"]))}
         if draw(st.booleans()):
             section["metric"] = draw(NAMES)
@@ -101,7 +104,7 @@ def objectives(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
         "metrics": metrics,
         "pareto_choice": choice,
     }
-    return section, draw(st.sampled_from([n for n, s in SAMPLERS.items() if s.multi_objective]))
+    return section, draw(st.sampled_from([n for n, s in RUNNABLE.items() if s.multi_objective]))
 
 
 @st.composite

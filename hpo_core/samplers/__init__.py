@@ -11,6 +11,7 @@ This module stays light (no Optuna import): study files are validated where Optu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,10 @@ class SamplerInfo:
     trial_state: str = "running"
     #: Python packages it needs beyond the stack (checked before a study runs: :mod:`hpo_core.checks`).
     requires: tuple[str, ...] = ()
+
+    def missing(self) -> list[str]:
+        """The packages of :attr:`requires` this environment cannot import."""
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
 
 
 #: Every sampler a study file may name, in the order error messages list them.
