@@ -26,6 +26,7 @@ from hpo_airflow.alerts import (
     log_deadline_missed,
     notify_webhook,
 )
+from hpo_airflow.loader import shard_of
 
 from hpo_core.errors import StudySpecError
 from hpo_core.spec import validate_mapping
@@ -89,6 +90,58 @@ def test_duplicate_study_names_are_refused(tmp_path: Path) -> None:
     assert "hpo_same" in bag.dags
     (message,) = bag.import_errors.values()
     assert "two.yaml: name: 'same' is already used by" in message
+
+
+SHARD_FILE = """from hpo_airflow import load_study_dags
+
+load_study_dags(globals(), shard=({index}, {count}))
+"""
+
+
+def test_sharded_dag_files_split_the_studies_and_keep_errors_and_names_per_file(tmp_path: Path) -> None:
+    """Three thin DAG files build every study exactly once; a broken file and a reused name are
+    errors of the one DAG file that builds them, and the others load normally."""
+    folder = tmp_path / "dags"
+    studies = folder / "studies"
+    names = [f"s{i:02d}" for i in range(12)]
+    for name in names:
+        write_study(studies, study_mapping(name=name))
+    bad = study_mapping(name="broken")
+    bad["budget"]["n_trails"] = 3
+    write_study(studies, bad, filename="broken.yaml")
+    write_study(studies, study_mapping(name="s03"), filename="zz_again.yaml")  # s03 is taken
+    for index in range(3):
+        (folder / f"hpo_studies_{index}.py").write_text(SHARD_FILE.format(index=index, count=3))
+    by_file: dict[str, set[str]] = {}
+    errors: dict[str, str] = {}
+    for index in range(3):
+        path = folder / f"hpo_studies_{index}.py"
+        bag = DagBag(dag_folder=str(path))
+        by_file[path.name] = set(bag.dags)
+        errors.update(bag.import_errors)
+        expected = {f"hpo_{p.stem}" for p in studies.glob("s*.yaml") if shard_of(p, 3) == index}
+        assert expected <= set(bag.dags), path.name
+    built = [dag_id for ids in by_file.values() for dag_id in ids if dag_id != "hpo_broken"]
+    assert sorted(built) == sorted(f"hpo_{n}" for n in names)  # each study once, in one file
+    assert 1 <= len(errors) <= 2  # one import error per DAG file; both bad files may share one
+    text = "\n".join(errors.values())
+    assert f"{studies / 'broken.yaml'}: budget.n_trails: unknown key 'n_trails'" in text
+    assert f"{studies / 'zz_again.yaml'}: name: 's03' is already used by {studies / 's03.yaml'}" in text
+    with pytest.raises(ValueError, match="shard"):
+        load_study_dags({}, studies_dir=studies, shard=(3, 3))
+
+
+def test_no_dag_is_defined_by_two_shipped_dag_files() -> None:
+    """Each shipped DAG file defines its own DAGs (the promotion DAG has its own file)."""
+    seen: dict[str, str] = {}
+    for path in sorted((ROOT / "dags").glob("*.py")):
+        bag = DagBag(dag_folder=str(path))
+        assert bag.import_errors == {}
+        for dag_id in bag.dags:
+            assert dag_id not in seen, f"{dag_id} is defined by {seen.get(dag_id)} and {path.name}"
+            seen[dag_id] = path.name
+    assert seen["hpo_promote_model"] == "hpo_promotion.py"
+    assert seen["hpo_breast_cancer_gbm"] == "hpo_studies.py"
 
 
 def test_strict_mode_raises(tmp_path: Path) -> None:

@@ -193,6 +193,7 @@ def test_bad_cron_is_an_error_of_its_study_file_only(tmp_path: Path) -> None:
     folder = tmp_path / "dags"
     folder.mkdir()
     shutil.copy(ROOT / "dags" / "hpo_studies.py", folder / "hpo_studies.py")
+    shutil.copy(ROOT / "dags" / "hpo_promotion.py", folder / "hpo_promotion.py")
     write_study(folder / "studies", study_mapping(name="fine", schedule="@daily"))
     write_study(folder / "studies", study_mapping(name="typo", schedule="0 25 * * *"))
     bag = DagBag(dag_folder=str(folder))
