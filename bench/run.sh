@@ -4,9 +4,10 @@
 #   --quick        fewer trials, seeds and sizes (a smoke test of a few minutes)
 #   --out DIR      output folder (default bench/out/<timestamp>)
 #   --publish      write the figures of the benchmarks run into bench/README.md (between the results
-#                  markers; other benchmarks keep their section) and bench/results/orchestration.json
-# Creates .venv (the pinned project stack, as scripts/ do) and .venv-bench (the contenders:
-# bench/requirements.txt on top of constraints.txt) on first use; .venv only ever gets the project's pins.
+#                  markers; other benchmarks keep their section) and bench/results/<name>.json
+# Creates .venv (the pinned project stack, as scripts/ do) on first use, and .venv-bench (the contenders:
+# bench/requirements.txt on top of constraints.txt) only for the benchmarks that need it (sample, all);
+# .venv only ever gets the project's pins.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/_bootstrap.sh"   # sets ROOT, cd "$ROOT", installs .venv once
 WHAT="all"; QUICK=(); OUT=""; PUBLISH=()
@@ -17,7 +18,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=(--quick) ;;
     --out) OUT="$2"; shift ;;
     --publish) PUBLISH=(--publish "$ROOT/bench/README.md") ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see bench/run.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -25,7 +26,8 @@ done
 BENCH_VENV="$ROOT/.venv-bench"
 BENCH_STAMP="$BENCH_VENV/.bench-installed"
 BENCH_WANT="$(cat bench/requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$BENCH_STAMP" 2>/dev/null)" != "$BENCH_WANT" ]; then
+case "$WHAT" in sample|all) NEED_BENCH_VENV=1 ;; *) NEED_BENCH_VENV=0 ;; esac
+if [ "$NEED_BENCH_VENV" = 1 ] && [ "$(cat "$BENCH_STAMP" 2>/dev/null)" != "$BENCH_WANT" ]; then
   echo "Installing the benchmark contenders into .venv-bench (a few minutes the first time)..." >&2
   [ -x "$BENCH_VENV/bin/python" ] || "$ROOT/.venv/bin/python" -m venv "$BENCH_VENV"
   "$BENCH_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt -c constraints.txt
