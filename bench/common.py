@@ -60,6 +60,20 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def working_tree_changes(paths: Sequence[str]) -> list[str]:
+    """``git status --short`` lines under ``paths``: what the run measured beyond its commit."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--short", "--", *paths],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return []
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
 def output_dir(base: str | Path | None, name: str) -> Path:
     """``<base>/<name>`` (``base`` defaults to ``bench/out/<timestamp>``), created."""
     root = Path(base) if base else BENCH_DIR / "out" / time.strftime("%Y%m%d-%H%M%S")
