@@ -251,6 +251,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Run the modules that use the shared Airflow last, each module's tests kept together.
+
+    Once started, Airflow's scheduler, DAG processor and API server keep working in the
+    background; started last, they share the two cores only with the tests that need them.
+    """
+    on_airflow = {item.module for item in items if "airflow" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.module in on_airflow)  # stable: file order within each group
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Turn SIGTERM (e.g. a CI time limit) into a normal exit so started services get killed."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

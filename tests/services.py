@@ -1102,8 +1102,10 @@ class AirflowDeployment(_Service):
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
             "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            # A task whose process died (scheduler or Celery worker killed) is failed, and retried,
+            # after 15 s without a heartbeat (default 300 s); live tasks heartbeat every second.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "120",
             "AIRFLOW__DAG_PROCESSOR__HEALTH_CHECK_THRESHOLD": "30",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
@@ -1262,7 +1264,7 @@ class AirflowDeployment(_Service):
             if process.alive():
                 process.kill(signal.SIGTERM)
         for process in running:
-            process.stop(timeout=10)
+            process.stop(timeout=5)  # then SIGKILL: nothing of the session's Airflow is kept
 
     def logs_tail(self, names: Iterable[str] | None = None, lines: int = 40) -> str:
         """The tails of the component logs, for failure messages."""

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 STUDY = "celery_quadratic"
 DAG_ID = f"hpo_{STUDY}"
 WORKERS = ("w1", "w2")
-EVAL_SECONDS = 8
+EVAL_SECONDS = 5
 #: A DAG file of this module: the study files in ``celery_studies/``, every task on the CeleryExecutor.
 CELERY_DAG_FILE = f'''"""Study DAGs whose tasks run on the CeleryExecutor (tests/test_production_celery)."""
 import os
