@@ -127,6 +127,9 @@ def test_serialized_slot_task_has_the_live_mlflow_run_link_per_map_index(
     """The plugin's links on the deserialized tasks (not the XCom ones pushed at task end), on both
     backends, per map index; the plugin names the pod operator without importing the provider."""
     monkeypatch.setenv("HPO_WORKER_BACKEND", backend)
+    # As the API server reads a DAG (SerializedDagModel.load_op_links): a class attribute that an
+    # in-process dag.test() or task clear earlier in this session leaves False.
+    monkeypatch.setattr(DagSerialization, "_load_operator_extra_links", True)
     dag = DagSerialization.from_dict(DagSerialization.to_dict(build_study_dag(make_spec())))
     evaluate, finalize = dag.get_task("round_1.evaluate"), dag.get_task("finalize")
     assert evaluate.extra_links == ["MLflow run"]
