@@ -10,4 +10,12 @@ echo "== mypy"; mypy
 # Every shipped study passes what the DAG factory and start check, with its code imported (a
 # throwaway AIRFLOW_HOME: Airflow writes its default config where it is imported).
 echo "== hpo validate"; AIRFLOW_HOME="$(mktemp -d)" hpo validate --check-imports dags/studies/*.yaml
-echo "== pytest"; exec python -m pytest "$@"
+# Two processes (pytest-xdist): the modules on the shared Airflow are one unit of work, sent first,
+# while the other process runs the rest (tests/fixtures_services.py); HPO_TEST_PROCESSES=1: one.
+PROCESSES="${HPO_TEST_PROCESSES:-2}"
+if [ "$PROCESSES" -gt 1 ]; then
+  PARALLEL=(-n "$PROCESSES" --dist loadgroup --no-loadscope-reorder)
+else
+  PARALLEL=(-n 0)
+fi
+echo "== pytest"; exec python -m pytest "${PARALLEL[@]}" "$@"

@@ -65,8 +65,13 @@ def services_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Generator[PostgresServer, None, None]:
-    """PostgreSQL on loopback (the machine's at 127.0.0.1:5432 if it answers, else a private one)."""
-    with _running(PostgresServer(), "PostgreSQL") as server:
+    """PostgreSQL on loopback (the machine's at 127.0.0.1:5432 if it answers, else a private one).
+
+    With the suite on several processes, the second and later ones start a private server: the
+    machine's has 100 connections, which one process's Airflow and MLflow server use much of.
+    """
+    first = os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0"
+    with _running(PostgresServer(prefer_existing=None if first else False), "PostgreSQL") as server:
         kind = "private" if server.private else "shared"
         STARTUP_SECONDS[f"postgres ({kind})"] = server.startup_seconds
         yield server
@@ -254,13 +259,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Run the modules that use the shared Airflow last, each module's tests kept together.
+    """Keep each module's tests together, and the modules that use the shared Airflow together.
 
     Once started, Airflow's scheduler, DAG processor and API server keep working in the
-    background; started last, they share the two cores only with the tests that need them.
+    background. In one process they run last, so they share the cores only with the tests that
+    need them. On several (``scripts/run_tests.sh`` runs ``-n 2 --dist loadgroup``) they are one
+    unit of work, sent first: one process runs them while the other runs the rest.
     """
     on_airflow = {item.module for item in items if "airflow" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.module in on_airflow)  # stable: file order within each group
+    parallel = bool(getattr(config.option, "numprocesses", None)) or "PYTEST_XDIST_WORKER" in os.environ
+    items.sort(key=lambda item: (item.module in on_airflow) != parallel)  # stable: file order kept
+    for item in items:
+        group = "airflow" if item.module in on_airflow else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

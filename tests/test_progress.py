@@ -47,6 +47,8 @@ def test_read_model_status_plots_and_backlinks_of_a_finished_study(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("HPO_AIRFLOW_URL", "http://user:secret@airflow.example:8080/base/")
+    # `hpo status` fits its table to the terminal: a wide one here, whatever runs the tests.
+    monkeypatch.setenv("COLUMNS", "200")
     # Round 1 fails on its first attempt; a retry (attempt 2) replaces the failed trials.
     name = start_toy_study(
         objective="tests.chaos_objectives:fails_on_first_attempt",
