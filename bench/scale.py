@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         plan = Plan(**{**asdict(plan), "repeats": args.repeats})
     parts = args.parts.split(",")
-    out = output_dir(args.out, "scale")
+    out = output_dir(args.out, "scale").resolve()  # absolute: URLs, symlinks and probes use its paths
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
