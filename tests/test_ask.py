@@ -377,7 +377,12 @@ def test_mean_liar_shows_running_trials_complete_with_the_mean() -> None:
     pending.suggest_float("x", 0, 1)
     empty = study.ask()  # asked elsewhere, no params yet: left running
     current = study.ask()
-    shown = _lying(study, current.number)._get_trials(deepcopy=False)
+    sampler = MeanLiarTPESampler()
+    shown = _lying(sampler, study, current.number)._get_trials(deepcopy=False)
+    # Built once per ask: the next read of the same ask reuses it; a new trial (next ask) rebuilds it.
+    assert _lying(sampler, study, current.number)._get_trials(deepcopy=False) is shown
+    later = study.ask()
+    assert len(_lying(sampler, study, later.number)._get_trials(deepcopy=False)) == len(shown) + 1
     by_number = {t.number: t for t in shown}
     assert by_number[pending.number].state == TrialState.COMPLETE
     assert by_number[pending.number].values == [3.0]
