@@ -36,6 +36,7 @@ if [ "$NEED_BENCH_VENV" = 1 ] && [ "$(cat "$BENCH_STAMP" 2>/dev/null)" != "$BENC
 fi
 OUT="${OUT:-$ROOT/bench/out/$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"   # absolute: the benchmarks put database files and URLs under it
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 run() { echo "== $1 -> $OUT/$1" >&2; "$2" -m "bench.$1" "${QUICK[@]}" --out "$OUT"; }
 case "$WHAT" in

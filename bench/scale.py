@@ -1105,7 +1105,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
             ax.set_title("cold-process suggest on PostgreSQL, by part")
             ax.legend(fontsize=7, loc="upper left")
             savefig(fig, out / "scale_suggest.png")
-    if "parse" in results:
+    timed = [f for s in results.get("parse", {}).get("shards", {}).values() for f in s["files"]]
+    if any(f.get("seconds") for f in timed):  # no plot when every probe failed (their errors are reported)
         shards = results["parse"]["shards"]
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
         for n, s in shards.items():
