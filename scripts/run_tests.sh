@@ -11,10 +11,11 @@ echo "== mypy"; mypy
 # throwaway AIRFLOW_HOME: Airflow writes its default config where it is imported).
 echo "== hpo validate"; AIRFLOW_HOME="$(mktemp -d)" hpo validate --check-imports dags/studies/*.yaml
 # Two processes (pytest-xdist): the modules on the shared Airflow are one unit of work, sent first,
-# while the other process runs the rest (tests/fixtures_services.py); HPO_TEST_PROCESSES=1: one.
+# while the other process runs the other modules (tests/fixtures_services.py); HPO_TEST_PROCESSES=1:
+# one process.
 PROCESSES="${HPO_TEST_PROCESSES:-2}"
 if [ "$PROCESSES" -gt 1 ]; then
-  PARALLEL=(-n "$PROCESSES" --dist loadgroup --no-loadscope-reorder)
+  PARALLEL=(-n "$PROCESSES" --no-loadscope-reorder)  # units: tests/fixtures_services.py
 else
   PARALLEL=(-n 0)
 fi

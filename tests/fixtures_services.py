@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import mlflow
 import pytest
 from sqlalchemy.engine import make_url
+from xdist.scheduler import LoadScopeScheduling
 
 from tests.services import (
     REPO_ROOT,
@@ -256,22 +257,57 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+#: The test modules on the shared Airflow (a test needs the ``airflow`` fixture, maybe through
+#: another fixture). With several test processes they are one unit of work (:class:`_Units`); the
+#: collection hook below checks this list against what the tests ask for.
+AIRFLOW_MODULES = frozenset(
+    {
+        "tests/test_chaos_airflow.py",
+        "tests/test_hpo_view.py",
+        "tests/test_production.py",
+        "tests/test_production_celery.py",
+        "tests/test_services.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    """Keep each module's tests together, and the modules that use the shared Airflow together.
+    """Order the modules on the shared Airflow last in one process, first on several.
 
     Once started, Airflow's scheduler, DAG processor and API server keep working in the
     background. In one process they run last, so they share the cores only with the tests that
-    need them. On several (``scripts/run_tests.sh`` runs ``-n 2 --dist loadgroup``) they are one
-    unit of work, sent first: one process runs them while the other runs the rest.
+    need them. On several (``scripts/run_tests.sh``: ``-n 2``), they are one unit sent first
+    (:class:`_Units`): one process runs them while the other runs the rest.
     """
-    on_airflow = {item.module for item in items if "airflow" in getattr(item, "fixturenames", ())}
-    parallel = bool(getattr(config.option, "numprocesses", None)) or "PYTEST_XDIST_WORKER" in os.environ
-    items.sort(key=lambda item: (item.module in on_airflow) != parallel)  # stable: file order kept
-    for item in items:
-        group = "airflow" if item.module in on_airflow else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    on_airflow = {
+        item.nodeid.split("::", 1)[0] for item in items if "airflow" in getattr(item, "fixturenames", ())
+    }
+    if on_airflow - AIRFLOW_MODULES:
+        raise pytest.UsageError(
+            f"tests/fixtures_services.py: AIRFLOW_MODULES lacks {sorted(on_airflow - AIRFLOW_MODULES)}, "
+            "whose tests use the shared Airflow: add them (the test processes share one Airflow per unit)"
+        )
+    parallel = "PYTEST_XDIST_WORKER" in os.environ or bool(getattr(config.option, "numprocesses", None))
+    items.sort(key=lambda item: (item.nodeid.split("::", 1)[0] in AIRFLOW_MODULES) != parallel)
+
+
+class _Units(LoadScopeScheduling):
+    """pytest-xdist scheduling by unit of work: a test module, or all of :data:`AIRFLOW_MODULES`.
+
+    (``--dist loadgroup`` would do it with markers, but pytest-xdist 3.8 cannot rename the test ids
+    of pytest 9, so its groups are silently ignored.)
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return "airflow" if module in AIRFLOW_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadScopeScheduling:
+    """Send the test processes units of work (:class:`_Units`), in collection order."""
+    return _Units(config, log)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -4,6 +4,7 @@ PostgreSQL, the MLflow server and S3, with only ``hpo_core`` copied in, as in th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -35,6 +36,14 @@ def worker_venv() -> Path:
     venv = ROOT / ".venv-worker"
     python = venv / "bin" / "python"
     stamp = venv / ".requirements-sha"
+    with (ROOT / ".venv-worker.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (several test processes, or suites)
+        _build_once(venv, python, stamp, digest)
+    return python
+
+
+def _build_once(venv: Path, python: Path, stamp: Path, digest: str) -> None:
+    """Create the worker venv unless the stamp says it is there with these requirements."""
     if not (python.exists() and stamp.exists() and stamp.read_text() == digest):
         shutil.rmtree(venv, ignore_errors=True)
         # uv (installed beside this interpreter by scripts/_bootstrap.sh) installs the same pinned
@@ -54,7 +63,6 @@ def worker_venv() -> Path:
             if proc.returncode != 0:
                 pytest.fail(f"building the worker venv failed: {' '.join(step)}\n{proc.stdout}{proc.stderr}")
         stamp.write_text(digest)
-    return python
 
 
 def test_worker_requirements_hold_no_airflow(worker_venv: Path) -> None:
