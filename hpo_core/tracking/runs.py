@@ -114,16 +114,16 @@ def client(deployment: Deployment, *, set_uris: bool = True) -> MlflowClient:
     ``mlflow.log_metric`` or ``log_model``, ``mlflow.register_model``, ``models:/`` URIs); the first
     time they change MLflow also resets its tracing, so a task that only calls the client skips it.
     """
+    # No registry of its own: the tracking server's (MLflow's default), named explicitly, or the
+    # registry URI the process had set before (for another deployment) would stay in force.
+    registry = deployment.registry_uri or deployment.tracking_uri
     if set_uris:
         mlflow.set_tracking_uri(deployment.tracking_uri)
-        if deployment.registry_uri:
-            mlflow.set_registry_uri(deployment.registry_uri)
-    key = (deployment.tracking_uri, deployment.registry_uri)
+        mlflow.set_registry_uri(registry)
+    key = (deployment.tracking_uri, registry)
     found = _clients.get(key)
     if found is None:
-        found = _clients[key] = MlflowClient(
-            tracking_uri=deployment.tracking_uri, registry_uri=deployment.registry_uri
-        )
+        found = _clients[key] = MlflowClient(tracking_uri=deployment.tracking_uri, registry_uri=registry)
     return found
 
 
