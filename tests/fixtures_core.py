@@ -95,6 +95,10 @@ def local_deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db_
         monkeypatch.delenv(var, raising=False)
     deployment = Deployment.from_env()
     deployment.ensure_local_dirs()
+    # MLflow's process-wide URIs as a process of this deployment has them (an earlier test in this
+    # process may have set another server's): a client made without URIs reads this deployment.
+    mlflow.set_tracking_uri(deployment.tracking_uri)
+    mlflow.set_registry_uri(deployment.registry_uri or deployment.tracking_uri)
     return deployment
 
 
